@@ -1,0 +1,46 @@
+"""Install the BLOOM pretraining framework: its packages, Hydra configs and console scripts."""
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+
+
+def package_files(root: str, patterns=("*.yaml", "*.jsonl", "*.json", "*.txt")):
+    """Data files under a package, relative to it, so a non-editable install carries them."""
+    base = HERE / root
+    found = []
+    for pattern in patterns:
+        found += [str(p.relative_to(base)) for p in base.rglob(pattern)]
+    return sorted(found)
+
+
+setup(
+    name="bloom-pretrain",
+    version="0.1.0",
+    description="Pretrain the BLOOM family with 3D parallelism (Megatron TP, DeepSpeed PP + ZeRO DP)",
+    python_requires=">=3.11,<3.12",
+    packages=["training", "parallelism", "configs", "data", "launch"],
+    package_data={"configs": package_files("configs"), "data": package_files("data")},
+    install_requires=[
+        # torch is pinned so pip never swaps the CPU wheel for a multi-GB CUDA build;
+        # on a GPU cluster install the matching CUDA torch first and pip keeps it.
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "deepspeed>=0.19,<0.20",
+        "transformers>=4.44",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "hydra-core>=1.3,<1.4",
+        "omegaconf>=2.3",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-timeout"]},
+    entry_points={
+        "console_scripts": [
+            "bloom-train=launch.train_cli:main",
+            "bloom-preprocess=data.preprocess:main",
+        ]
+    },
+)
