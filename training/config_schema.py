@@ -1,0 +1,93 @@
+"""The typed schema of every config value: one dataclass field per value, with its default.
+
+Hydra merges the YAML tree in `configs/` onto these dataclasses, so a misspelt or unknown key is an
+error rather than a silently ignored setting. Values derived from others (padded vocab, DP size)
+are computed in `config_checks.py`, never stored twice. The data group's schema lives with the
+data pipeline (data/config.py); config_loader.py assembles the root.
+"""
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class ModelConfig:
+    name: str = "bloom-tiny"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    # The tokenizer's vocabulary; the embedding is padded to a multiple of
+    # pad_vocab_to_multiple_of x TP (BLOOM: 250680 -> 250880), or to padded_vocab_size if set.
+    vocab_size: int = 8000
+    pad_vocab_to_multiple_of: int = 128
+    padded_vocab_size: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None  # 4 x hidden_size when unset, as in BLOOM
+    layer_norm_epsilon: float = 1e-5
+    init_std: float = 0.0048
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    # eager | torch | flex | apex | auto: see training/kernels.py
+    kernels: str = "auto"
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    dp: Optional[int] = None  # derived from the world size when unset; must agree when set
+    zero_stage: int = 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3.0e-4
+    min_lr: float = 1.0e-5
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1.0e-8
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    decay_style: str = "cosine"
+    warmup_samples: int = 183_105
+    decay_samples: int = 200_000_000
+
+
+@dataclass
+class TrainerConfig:
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    # BLOOM's --rampup-batch-size: [start, increment, samples]; empty for none.
+    rampup_batch_size: List[int] = field(default_factory=list)
+    train_iters: Optional[int] = None
+    train_samples: Optional[int] = None
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    seed: int = 42
+    save_interval: int = 100
+    eval_interval: int = 1000
+    eval_iters: int = 10
+    run_dir: str = "runs/default"
+    resume: str = "auto"  # auto | none | a checkpoint directory
+    dry_run: bool = False
+    exit_duration_mins: Optional[float] = None
+    kill_switch_file: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "bloom-pretrain"
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"  # local | slurm
+    nodes: int = 1
+    gpus_per_node: int = 0
+    nproc_per_node: Optional[int] = None  # defaults to gpus_per_node, or 1 on a CPU machine
+    gpu_type: str = "cpu"
+    gpu_memory_gib: float = 0.0
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: str = "20:00:00"

@@ -1,0 +1,211 @@
+"""BLOOM, Megatron-style: plain PyTorch modules on megatron-core's tensor-parallel layers.
+
+Shapes are [batch, seq, hidden] throughout. Module attribute names are HF's BloomModel names, so
+a parameter's name here is its HF name without the "transformer." prefix (training/param_table.py
+holds the mapping and the TP split of each).
+
+Each tensor-parallel rank holds:
+- word_embeddings: its slice of the padded vocabulary (VocabParallelEmbedding);
+- query_key_value / dense_h_to_4h: whole heads / a slice of the FFN (ColumnParallelLinear);
+- dense / dense_4h_to_h: the matching input slice (RowParallelLinear, all-reduce after);
+- every LayerNorm and the row-parallel biases whole.
+The output layer is the word embedding itself (tied): logits are vocab-parallel and the loss is
+megatron-core's vocab_parallel_cross_entropy, so the full vocabulary is never gathered in training.
+"""
+import contextlib
+import functools
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core import tensor_parallel as mtp
+from megatron.core.utils import init_method_normal, scaled_init_method_normal
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from parallelism.tensor_parallel import TensorParallel, tensor_parallel_from_state
+from training.alibi import alibi_slopes_for_rank
+from training.config_schema import ModelConfig
+from training.kernels import Kernels, select_kernels
+
+
+def padded_vocab_size(cfg: ModelConfig, tp: int) -> int:
+    """The embedding's row count: the configured padded size, or the tokenizer vocabulary rounded
+    up to a multiple of pad_vocab_to_multiple_of x TP (Megatron's rule; 250680 -> 250880)."""
+    if cfg.padded_vocab_size is not None:
+        return cfg.padded_vocab_size
+    multiple = cfg.pad_vocab_to_multiple_of * tp
+    return -(-cfg.vocab_size // multiple) * multiple
+
+
+def ffn_size(cfg: ModelConfig) -> int:
+    return cfg.ffn_hidden_size or 4 * cfg.hidden_size
+
+
+class BloomAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, kernels: Kernels):
+        super().__init__()
+        h = cfg.hidden_size
+        self.num_heads = cfg.num_heads // tp.size
+        self.head_dim = h // cfg.num_heads
+        self.dropout = cfg.attention_dropout
+        self.kernels = kernels
+        self.rng = tp.rng
+        # A tuple, not a buffer: casting the module to bf16 must not round the slopes.
+        self.slopes = tuple(alibi_slopes_for_rank(cfg.num_heads, tp.rank, tp.size).tolist())
+        self.query_key_value = mtp.ColumnParallelLinear(
+            h, 3 * h, config=tp.megatron_config, init_method=init_method_normal(cfg.init_std),
+            bias=True, gather_output=False)
+        self.dense = mtp.RowParallelLinear(
+            h, h, config=tp.megatron_config,
+            init_method=scaled_init_method_normal(cfg.init_std, cfg.num_layers),
+            bias=True, input_is_parallel=True, skip_bias_add=True)
+
+    def forward(self, x: torch.Tensor):
+        """Returns the attention output before its bias, and the bias (added after dropout's input)."""
+        qkv, _ = self.query_key_value(x)
+        batch, seq, _ = qkv.shape
+        # HF's layout: per head, q, k and v side by side.
+        qkv = qkv.view(batch, seq, self.num_heads, 3, self.head_dim)
+        q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
+        slopes = torch.tensor(self.slopes, dtype=torch.float32, device=x.device)
+        dropout = self.dropout if self.training else 0.0
+        with self.rng.fork():  # each rank's heads draw their own dropout mask
+            context = self.kernels.attention(q, k, v, slopes, dropout)
+        context = context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.dense(context)
+
+
+class BloomMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, kernels: Kernels):
+        super().__init__()
+        h, ffn = cfg.hidden_size, ffn_size(cfg)
+        self.kernels = kernels
+        self.dense_h_to_4h = mtp.ColumnParallelLinear(
+            h, ffn, config=tp.megatron_config, init_method=init_method_normal(cfg.init_std),
+            bias=True, gather_output=False, skip_bias_add=True)
+        self.dense_4h_to_h = mtp.RowParallelLinear(
+            ffn, h, config=tp.megatron_config,
+            init_method=scaled_init_method_normal(cfg.init_std, cfg.num_layers),
+            bias=True, input_is_parallel=True, skip_bias_add=True)
+
+    def forward(self, x: torch.Tensor):
+        intermediate, bias = self.dense_h_to_4h(x)
+        return self.dense_4h_to_h(self.kernels.bias_gelu(intermediate, bias))
+
+
+class BloomBlock(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, kernels: Kernels):
+        super().__init__()
+        eps = cfg.layer_norm_epsilon
+        self.input_layernorm = kernels.make_layer_norm(cfg.hidden_size, eps)
+        self.self_attention = BloomAttention(cfg, tp, kernels)
+        self.post_attention_layernorm = kernels.make_layer_norm(cfg.hidden_size, eps)
+        self.mlp = BloomMLP(cfg, tp, kernels)
+        self.hidden_dropout = cfg.hidden_dropout
+        self.rng = tp.rng
+        self.activation_checkpointing = cfg.activation_checkpointing
+
+    def _bias_dropout_add(self, out, bias, residual):
+        # Hidden dropout draws from the shared stream: every TP rank drops the same elements.
+        return residual + F.dropout(out + bias, p=self.hidden_dropout, training=self.training)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._bias_dropout_add(*self.self_attention(self.input_layernorm(x)), x)
+        return self._bias_dropout_add(*self.mlp(self.post_attention_layernorm(x)), x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.activation_checkpointing and self.training and torch.is_grad_enabled()):
+            return self._forward(x)
+        tp_state = self.rng.snapshot()
+        contexts = functools.partial(_recompute_contexts, self.rng, tp_state)
+        return checkpoint(self._forward, x, use_reentrant=False, context_fn=contexts)
+
+
+def _recompute_contexts(rng, tp_state):
+    # torch's checkpoint replays the default generator; the TP stream is ours to replay.
+    return contextlib.nullcontext(), rng.replay_from(tp_state)
+
+
+class BloomModel(nn.Module):
+    """The full model on one pipeline stage; the pipeline module reuses its pieces."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, kernels: Kernels):
+        super().__init__()
+        self.padded_vocab_size = padded_vocab_size(cfg, tp.size)
+        h, eps = cfg.hidden_size, cfg.layer_norm_epsilon
+        self.word_embeddings = mtp.VocabParallelEmbedding(
+            self.padded_vocab_size, h, init_method=init_method_normal(cfg.init_std),
+            config=tp.megatron_config)
+        self.word_embeddings_layernorm = kernels.make_layer_norm(h, eps)
+        self.h = nn.ModuleList(BloomBlock(cfg, tp, kernels) for _ in range(cfg.num_layers))
+        self.ln_f = kernels.make_layer_norm(h, eps)
+        self.embedding_dropout = cfg.hidden_dropout
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.word_embeddings_layernorm(self.word_embeddings(tokens))
+        return F.dropout(x, p=self.embedding_dropout, training=self.training)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [batch, seq] -> this rank's slice of the logits [batch, seq, padded_vocab / TP]."""
+        x = self.embed(tokens)
+        for block in self.h:
+            x = block(x)
+        return tied_logits(self.ln_f(x), self.word_embeddings.weight)
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor = None):
+        return language_model_loss(self(tokens), labels, loss_mask)
+
+
+def tied_logits(hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+    """Vocab-parallel logits from the tied embedding: identity forward, all-reduce of the input
+    gradient backward (each rank's logits depend on the whole hidden state)."""
+    hidden = mtp.copy_to_tensor_model_parallel_region(hidden)
+    return F.linear(hidden, embedding_weight)
+
+
+def language_model_loss(parallel_logits, labels, loss_mask=None) -> torch.Tensor:
+    """Mean token cross entropy over the (masked) tokens, computed on vocab-parallel logits in fp32.
+
+    It consumes `parallel_logits`: megatron's vocab_parallel_cross_entropy works in place to save
+    a logits-sized buffer, so a caller that needs the logits afterwards passes a clone.
+    """
+    losses = mtp.vocab_parallel_cross_entropy(parallel_logits.float(), labels)
+    if loss_mask is None:
+        return losses.mean()
+    loss_mask = loss_mask.to(losses.dtype)
+    return (losses * loss_mask).sum() / loss_mask.sum()
+
+
+@torch.no_grad()
+def gather_logits(parallel_logits: torch.Tensor) -> torch.Tensor:
+    """The full-vocabulary logits on every TP rank (evaluation, export checks, tests).
+
+    Not megatron's gather_from_tensor_model_parallel_region: that one allocates on CUDA.
+    """
+    group = parallel_state.get_tensor_model_parallel_group()
+    size = dist.get_world_size(group)
+    if size == 1:
+        return parallel_logits
+    pieces = [torch.empty_like(parallel_logits) for _ in range(size)]
+    dist.all_gather(pieces, parallel_logits.contiguous(), group=group)
+    return torch.cat(pieces, dim=-1)
+
+
+def build_model(cfg: ModelConfig, *, seed: int, device="cpu", params_dtype=torch.float32,
+                meta: bool = False) -> BloomModel:
+    """This rank's BloomModel; megatron parallel_state must be initialised.
+
+    meta=True builds it on the meta device: shapes and parameter counts with no memory (the plan).
+    """
+    device = torch.device(device)
+    kernels = select_kernels(cfg.kernels, device, cfg.attention_dropout)
+    tp = tensor_parallel_from_state(seed, device, params_dtype, initialize=not meta)
+    if meta:
+        with torch.device("meta"):
+            return BloomModel(cfg, tp, kernels)
+    torch.manual_seed(seed)  # the full master weights depend on the seed only, not on TP
+    return BloomModel(cfg, tp, kernels).to(device)
