@@ -5,7 +5,8 @@
   mask, and a torch.compile'd bias + GeLU.
 - flex: FlexAttention with ALiBi as a score_mod and a causal block mask (the bias is never
   materialised), plus the compiled bias + GeLU. FlexAttention has no dropout, so it is only valid
-  with model.attention_dropout == 0 or at evaluation.
+  with model.attention_dropout == 0 or at evaluation; on CPU it has no backward (torch 2.13), so
+  there it serves evaluation only.
 - apex: the torch backend with apex's FusedLayerNorm; only where apex is importable.
 - auto: the fastest one present: on CUDA flex (torch when attention dropout is on) with apex's
   layer norm where installed; on CPU torch.
@@ -95,6 +96,10 @@ def attention_flex(q, k, v, slopes, dropout_p: float) -> torch.Tensor:
     if dropout_p > 0:
         raise KernelUnavailable(
             "model.kernels=flex has no attention dropout: set model.attention_dropout=0 or use kernels=torch"
+        )
+    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+        raise KernelUnavailable(
+            "model.kernels=flex cannot train on CPU (FlexAttention has no CPU backward): use kernels=torch"
         )
     slopes = slopes.to(q.device)
 

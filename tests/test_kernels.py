@@ -1,0 +1,104 @@
+"""Every kernel backend present computes eager's function: attention with ALiBi + causal mask, and
+bias + GeLU, forward and backward, in fp32 and bf16; and a whole model on each backend gives
+eager's logits. Tolerances: fp32 1e-5 absolute (reordered sums only); bf16 against the fp32 eager
+reference 3e-2 absolute (bf16 keeps 8 bits of mantissa: ~4e-3 relative per rounding)."""
+import pytest
+import torch
+
+from training.alibi import alibi_slopes
+from training.kernels import (KernelUnavailable, available_backends, bias_gelu_eager, select_kernels)
+
+CPU = torch.device("cpu")
+BACKENDS = [b for b in available_backends(CPU) if b != "eager"]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+def _attention_inputs(heads=6, seq=33, head_dim=16):
+    torch.manual_seed(0)
+    return [torch.randn(2, heads, seq, head_dim, requires_grad=True) for _ in range(3)], alibi_slopes(heads)
+
+
+def _run_attention(attention, inputs, slopes, dtype, device, backward=True):
+    cast = [x.detach().to(device, dtype).requires_grad_(backward) for x in inputs]
+    out = attention(*cast, slopes.to(device), 0.0)
+    if not backward:
+        return out.float().cpu(), []
+    out.float().square().sum().backward()
+    return out.float().cpu(), [x.grad.float().cpu() for x in cast]
+
+
+def _check_attention(backend, dtype, device):
+    # FlexAttention has no backward on CPU (torch 2.13): its CPU check is forward only.
+    backward = not (backend == "flex" and device.type == "cpu")
+    inputs, slopes = _attention_inputs()
+    eager = select_kernels("eager", CPU).attention
+    ref_out, ref_grads = _run_attention(eager, inputs, slopes, torch.float32, CPU, backward)
+    out, grads = _run_attention(select_kernels(backend, device).attention, inputs, slopes, dtype,
+                                device, backward)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref, atol=tol * 4, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_matches_eager(backend, dtype):
+    _check_attention(backend, dtype, CPU)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", ["eager", "torch", "flex", "apex"])
+def test_attention_matches_eager_on_gpu(backend, dtype):
+    cuda = torch.device("cuda")
+    if backend not in available_backends(cuda):
+        pytest.skip(f"{backend} not installed")
+    # TF32 would change fp32 matmuls on the GPU; the reference is exact fp32.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _check_attention(backend, dtype, cuda)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_gelu_matches_eager(backend, dtype):
+    torch.manual_seed(0)
+    x, bias = torch.randn(4, 7, 64) * 3, torch.randn(64)
+    ref = bias_gelu_eager(x, bias)
+    xs, bs = x.to(dtype).requires_grad_(), bias.to(dtype).requires_grad_()
+    out = select_kernels(backend, CPU).bias_gelu(xs, bs)
+    out.float().sum().backward()
+    x.requires_grad_(), bias.requires_grad_()
+    bias_gelu_eager(x, bias).sum().backward()
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(xs.grad.float(), x.grad, atol=tol, rtol=tol)
+    torch.testing.assert_close(bs.grad.float(), bias.grad, atol=tol * 16, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_logits_match_eager(single_process, backend):
+    from training.config_schema import ModelConfig
+    from training.model import build_model
+
+    cfg = dict(hidden_size=48, num_layers=2, num_heads=6, vocab_size=256, init_std=0.05,
+               hidden_dropout=0.0, attention_dropout=0.0)
+    eager = build_model(ModelConfig(**cfg, kernels="eager"), seed=3).eval()
+    other = build_model(ModelConfig(**cfg, kernels=backend), seed=3).eval()
+    tokens = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(other(tokens), eager(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_flex_refuses_attention_dropout():
+    with pytest.raises(KernelUnavailable, match="attention_dropout"):
+        select_kernels("flex", CPU, attention_dropout=0.1)
+
+
+def test_unknown_backend_is_named():
+    with pytest.raises(KernelUnavailable, match="model.kernels=fast"):
+        select_kernels("fast", CPU)
+
+
+def test_auto_resolves_to_a_present_backend():
+    assert select_kernels("auto", CPU).name in available_backends(CPU)
