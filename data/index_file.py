@@ -1,0 +1,44 @@
+"""Read the per-document token counts of a megatron-core .idx file without importing megatron.
+
+Used to derive blend weights from token counts and to check, before megatron-core builds its
+indices, that every split of every dataset holds at least one sample (megatron-core loops
+forever on an empty split).
+"""
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from data.errors import DataError
+
+_HEADER = b"MMIDIDX\x00\x00"
+
+
+def document_lengths(prefix: str | Path) -> np.ndarray:
+    """Tokens per sequence (= per document, as our preprocessing writes them) of a dataset."""
+    path = Path(f"{prefix}.idx")
+    if not path.is_file() or not Path(f"{prefix}.bin").is_file():
+        raise DataError(f"no indexed dataset at {prefix} (.bin/.idx missing)")
+    with open(path, "rb") as f:
+        head = f.read(34)
+        if len(head) < 34 or head[:9] != _HEADER:
+            raise DataError(f"{path} is not a megatron-core index file")
+        (count,) = struct.unpack("<Q", head[18:26])
+        lengths = np.frombuffer(f.read(4 * count), dtype=np.int32)
+    if lengths.size != count:
+        raise DataError(f"{path} is truncated")
+    return lengths
+
+
+def split_token_counts(prefix: str | Path, split_matrix) -> list[int | None]:
+    """Tokens in each split's document range, bounded exactly as megatron-core bounds them."""
+    lengths = document_lengths(prefix)
+    n = len(lengths)
+    counts = []
+    for bounds in split_matrix:
+        if bounds is None:
+            counts.append(None)
+            continue
+        begin, end = int(round(bounds[0] * float(n))), int(round(bounds[1] * float(n)))
+        counts.append(int(lengths[begin:end].sum()))
+    return counts

@@ -1,0 +1,73 @@
+"""`bloom-preprocess`: JSONL / HF datasets -> megatron-core .bin/.idx, one per language or source.
+
+    bloom-preprocess --input data/corpora --tokenizer TOKDIR --output-dir OUT [--workers N]
+                     [--group-by lang|source] [--text-key text] [--lang-key lang] [--strict]
+
+Without --tokenizer, --train-tokenizer-vocab N first trains a BLOOM-style tokenizer on the
+inputs (alpha-smoothed) into OUT/tokenizer. Errors print one line `error: ...`, exit status 2.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from data.errors import DataError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bloom-preprocess", description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", "-i", nargs="+", required=True,
+                   help="JSONL files (.gz/.bz2/.xz/.zst too), folders of them, or HF dataset dirs")
+    p.add_argument("--output-dir", "-o", required=True, help="where <name>.bin/.idx and summary.json go")
+    tok = p.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--tokenizer", help="tokenizer directory (ours or the released BLOOM one)")
+    tok.add_argument("--train-tokenizer-vocab", type=int, metavar="N",
+                     help="train a BLOOM-style BPE of N tokens on the inputs into OUTPUT_DIR/tokenizer")
+    p.add_argument("--alpha", type=float, default=0.3, help="language smoothing of the tokenizer sample")
+    p.add_argument("--group-by", choices=["lang", "source"], default="lang",
+                   help="one output per language field value (default) or per input file")
+    p.add_argument("--text-key", default="text")
+    p.add_argument("--lang-key", default="lang")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    p.add_argument("--chunk-bytes", type=int, default=1 << 18, help="bytes of input per worker task")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad line, naming file:line")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    # Imported here so `--help` and argument errors stay instant.
+    from data.preprocess_run import PreprocessOptions, preprocess
+    from data.records import RecordKeys
+    from data.tokenizer_train import train_tokenizer
+
+    keys = RecordKeys(text=args.text_key, lang=args.lang_key)
+    tokenizer_dir = args.tokenizer
+    if tokenizer_dir is None:
+        tokenizer_dir = train_tokenizer(args.input, Path(args.output_dir) / "tokenizer",
+                                        vocab_size=args.train_tokenizer_vocab, alpha=args.alpha, keys=keys)
+    if args.workers is not None and args.workers < 1:
+        raise DataError(f"--workers must be >= 1, got {args.workers}")
+    options = PreprocessOptions(keys=keys, group_by=args.group_by, workers=args.workers,
+                                strict=args.strict, chunk_bytes=args.chunk_bytes, progress=not args.quiet)
+    return preprocess(args.input, tokenizer_dir, args.output_dir, options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = run(args)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; no partial output was left behind", file=sys.stderr)
+        return 130
+    total = summary["total"]
+    print(json.dumps({"output_dir": args.output_dir, **total, "seconds": summary["seconds"],
+                      "tokens_per_second": summary["tokens_per_second"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
