@@ -18,7 +18,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
         extra_start = 2.0 ** (-8.0 / (2 * closest))
         remaining = num_heads - closest
         slopes += [extra_start ** (i + 1) for i in range(0, 2 * remaining, 2)]
-    return torch.tensor(slopes, dtype=torch.float32)
+    return torch.tensor(slopes, dtype=torch.float32, device="cpu")  # also under a meta-device build
 
 
 def alibi_slopes_for_rank(num_heads: int, tp_rank: int, tp_size: int) -> torch.Tensor:
