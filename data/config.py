@@ -46,7 +46,7 @@ class DataConfig:
     seed: int = 1234
     per_language_valid: bool = True  # also one validation set per dataset (per-language loss)
     eod_mask_loss: bool = False
-    preprocess_workers: Optional[int] = None  # None: in-process, tokenizer threads on all cores
+    preprocess_workers: Optional[int] = None  # None: one worker process per core; 1: in-process
     strict: bool = False  # refuse bad corpus lines instead of skipping them
     loader_workers: int = 0  # torch DataLoader workers per rank
     # Explicit weights per dataset name, merged into `blend` (handy on the command line:
