@@ -35,8 +35,11 @@ setup(
         "omegaconf>=2.3",
         "numpy",
         "tqdm",
+        "datasets>=2.14",
+        "tensorboard",
+        "wandb",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout"]},
+    extras_require={"test": ["pytest>=8"]},
     entry_points={
         "console_scripts": [
             "bloom-train=launch.train_cli:main",
