@@ -33,6 +33,9 @@ def init_process_group(backend: str = None, timeout_minutes: float = 10.0) -> No
     if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         dist.init_process_group(backend, timeout=timeout)
     else:
+        # What a launcher would have set; DeepSpeed reads LOCAL_RANK itself.
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 

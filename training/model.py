@@ -130,34 +130,74 @@ def _recompute_contexts(rng, tp_state):
     return contextlib.nullcontext(), rng.replay_from(tp_state)
 
 
-class BloomModel(nn.Module):
-    """The full model on one pipeline stage; the pipeline module reuses its pieces."""
+@contextlib.contextmanager
+def seeded(seed: int, layer: int):
+    """Initialise one layer from its own seed, leaving the caller's RNG stream untouched.
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel, kernels: Kernels):
+    Each layer's initial weights then depend on (seed, layer index) only: a pipeline stage that
+    builds blocks 12-23 gets the same weights as a single process building all 24, and the tied
+    embedding built on the first and the last stage is the same tensor.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + layer)
+        yield
+
+
+# Index of each piece in the layer sequence (the pipeline's LayerSpec order, the seeds).
+EMBEDDING_LAYER, FIRST_BLOCK_LAYER = 0, 2
+
+
+def make_word_embeddings(cfg: ModelConfig, tp: TensorParallel, seed: int) -> nn.Module:
+    with seeded(seed, EMBEDDING_LAYER):
+        return mtp.VocabParallelEmbedding(
+            padded_vocab_size(cfg, tp.size), cfg.hidden_size,
+            init_method=init_method_normal(cfg.init_std), config=tp.megatron_config)
+
+
+def make_block(cfg: ModelConfig, tp: TensorParallel, kernels: Kernels, seed: int, index: int) -> "BloomBlock":
+    with seeded(seed, FIRST_BLOCK_LAYER + index):
+        return BloomBlock(cfg, tp, kernels)
+
+
+class EmbeddingLayerNorm(nn.Module):
+    """BLOOM's LayerNorm right after the word embedding, then embedding dropout (Megatron's)."""
+
+    def __init__(self, cfg: ModelConfig, kernels: Kernels):
+        super().__init__()
+        self.norm = kernels.make_layer_norm(cfg.hidden_size, cfg.layer_norm_epsilon)
+        self.dropout = cfg.hidden_dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.norm(x), p=self.dropout, training=self.training)
+
+
+class BloomModel(nn.Module):
+    """The whole model in one process group stage (PP=1); the pipeline builds the same pieces."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, kernels: Kernels, seed: int):
         super().__init__()
         self.padded_vocab_size = padded_vocab_size(cfg, tp.size)
-        h, eps = cfg.hidden_size, cfg.layer_norm_epsilon
-        self.word_embeddings = mtp.VocabParallelEmbedding(
-            self.padded_vocab_size, h, init_method=init_method_normal(cfg.init_std),
-            config=tp.megatron_config)
-        self.word_embeddings_layernorm = kernels.make_layer_norm(h, eps)
-        self.h = nn.ModuleList(BloomBlock(cfg, tp, kernels) for _ in range(cfg.num_layers))
-        self.ln_f = kernels.make_layer_norm(h, eps)
+        self.word_embeddings = make_word_embeddings(cfg, tp, seed)
+        self.word_embeddings_layernorm = kernels.make_layer_norm(cfg.hidden_size, cfg.layer_norm_epsilon)
+        self.h = nn.ModuleList(make_block(cfg, tp, kernels, seed, i) for i in range(cfg.num_layers))
+        self.ln_f = kernels.make_layer_norm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.embedding_dropout = cfg.hidden_dropout
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings_layernorm(self.word_embeddings(tokens))
         return F.dropout(x, p=self.embedding_dropout, training=self.training)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [batch, seq] -> this rank's slice of the logits [batch, seq, padded_vocab / TP]."""
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor = None, loss_mask: torch.Tensor = None):
+        """tokens [batch, seq] -> this rank's slice of the logits [batch, seq, padded_vocab / TP],
+        or, given labels, the mean loss (what a DeepSpeed engine calls)."""
         x = self.embed(tokens)
         for block in self.h:
             x = block(x)
-        return tied_logits(self.ln_f(x), self.word_embeddings.weight)
+        logits = tied_logits(self.ln_f(x), self.word_embeddings.weight)
+        return logits if labels is None else language_model_loss(logits, labels, loss_mask)
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor = None):
-        return language_model_loss(self(tokens), labels, loss_mask)
+        return self(tokens, labels, loss_mask)
 
 
 def tied_logits(hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
@@ -206,6 +246,5 @@ def build_model(cfg: ModelConfig, *, seed: int, device="cpu", params_dtype=torch
     tp = tensor_parallel_from_state(seed, device, params_dtype, initialize=not meta)
     if meta:
         with torch.device("meta"):
-            return BloomModel(cfg, tp, kernels)
-    torch.manual_seed(seed)  # the full master weights depend on the seed only, not on TP
-    return BloomModel(cfg, tp, kernels).to(device)
+            return BloomModel(cfg, tp, kernels, seed)
+    return BloomModel(cfg, tp, kernels, seed).to(device)

@@ -1,0 +1,150 @@
+"""The DeepSpeed engine around BLOOM: PipelineEngine (1F1B, ZeRO 0-1) when PP > 1, the plain
+DeepSpeedEngine (ZeRO 0-3) when PP = 1, behind one `train_step` / `eval_loss` interface."""
+from dataclasses import dataclass
+from typing import List
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from parallelism.pipeline import BloomPipeline, build_topology
+from parallelism.tensor_parallel import tensor_parallel_from_state
+from parallelism.topology import Layout
+from training.kernels import select_kernels
+from training.model import build_model
+from training.optimizer import build_optimizer
+
+
+class MegatronMPU:
+    """megatron-core's parallel_state under the names DeepSpeed's engine asks for (PP = 1)."""
+
+    get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
+    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+
+
+def deepspeed_config(cfg, layout: Layout, initial_global_batch: int) -> dict:
+    """DeepSpeed's JSON config, derived from ours (never written by hand)."""
+    t = cfg.trainer
+    config = {
+        "train_batch_size": initial_global_batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": initial_global_batch // (t.micro_batch_size * layout.dp),
+        "gradient_clipping": cfg.optim.clip_grad,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,  # our AdamW subclass (GuardedAdamW)
+        "steps_per_print": 2 ** 31,  # the train loop logs
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 12,
+                 "loss_scale_window": 500, "hysteresis": 2, "min_loss_scale": 1},
+    }
+    if t.precision == "bf16":
+        # BLOOM-176B's recipe; DeepSpeed's pipeline + ZeRO-1 in bf16 fails without it.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    skipped: bool
+    loss_scale: float
+
+
+class BloomEngine:
+    def __init__(self, cfg, layout: Layout, initial_global_batch: int, device: torch.device):
+        self.layout, self.device = layout, device
+        self.pipelined = layout.pp > 1
+        seed = cfg.trainer.seed
+        model = self._build_module(cfg, seed, device)
+        self.optimizer = build_optimizer(model, cfg.optim)
+        ds_config = deepspeed_config(cfg, layout, initial_global_batch)
+        mpu = None if self.pipelined else MegatronMPU()
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
+                                                    config=ds_config, mpu=mpu)
+        self.global_batch = initial_global_batch
+
+    def _build_module(self, cfg, seed, device):
+        if not self.pipelined:
+            return build_model(cfg.model, seed=seed, device=device)
+        kernels = select_kernels(cfg.model.kernels, device, cfg.model.attention_dropout)
+        tp = tensor_parallel_from_state(seed, device)
+        return BloomPipeline(cfg.model, tp, kernels, seed, build_topology()).to(device)
+
+    @property
+    def module(self):
+        return self.engine.module
+
+    def set_learning_rate(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _set_global_batch(self, size: int) -> None:
+        if size != self.global_batch:
+            self.engine.set_train_batch_size(size)
+            self.global_batch = size
+
+    def _to_device(self, batch: dict):
+        return (batch["tokens"].to(self.device), batch["labels"].to(self.device),
+                batch["loss_mask"].to(self.device).float())
+
+    def train_step(self, micro_batches: List[dict]) -> StepResult:
+        """One optimizer step over this rank's micro-batches of a global batch."""
+        self._set_global_batch(len(micro_batches) * self.layout.dp * micro_batches[0]["tokens"].shape[0])
+        self.engine.train()
+        if self.pipelined:
+            batches = [((t,), (l, m)) for t, l, m in map(self._to_device, micro_batches)]
+            loss = self.engine.train_batch(iter(batches)).item()
+        else:
+            loss = self._train_plain(micro_batches)
+        return StepResult(loss, self._grad_norm(), self._skipped(), self._loss_scale())
+
+    def _train_plain(self, micro_batches) -> float:
+        total = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            loss = self.engine(*self._to_device(batch))
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().float()
+        return self._dp_mean(total / len(micro_batches))
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        value = value.clone()
+        dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
+        return (value / self.layout.dp).item()
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: List[dict]) -> float:
+        """Mean loss over micro-batches (every DP rank's), weights untouched."""
+        self.engine.eval()
+        if self.pipelined:
+            batches = [((t,), (l, m)) for t, l, m in map(self._to_device, micro_batches)]
+            loss = self.engine.eval_batch(iter(batches), num_micro_batches=len(batches)).item()
+        else:
+            losses = [self.engine(*self._to_device(b)).float() for b in micro_batches]
+            loss = self._dp_mean(torch.stack(losses).mean())
+        self.engine.train()
+        return loss
+
+    def _grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def _skipped(self) -> bool:
+        overflow = bool(getattr(self.engine.optimizer, "overflow", False))
+        return overflow or self.optimizer.skipped_last_step
+
+    def _loss_scale(self) -> float:
+        scale = getattr(self.engine.optimizer, "cur_scale", None)
+        if scale is None:
+            scale = getattr(self.engine.optimizer, "loss_scale", 1.0)
+        return float(scale)

@@ -1,0 +1,113 @@
+"""BLOOM as a DeepSpeed PipelineModule: the same pieces as training/model.py, laid out as layers.
+
+Layer sequence (index = LayerSpec position, also the per-layer init seed of training/model.py):
+    0        word embedding (TiedLayerSpec "embed")
+    1        embedding LayerNorm + embedding dropout
+    2..L+1   BloomBlock 0..L-1
+    L+2      final LayerNorm
+    L+3      output logits through the tied embedding (TiedLayerSpec "embed", forward_fn)
+and the loss (vocab-parallel cross entropy) on the last stage. Stages get blocks as
+parallelism/pipeline_partition.py says (BigScience's 5/6.../6/5 split for 176B).
+"""
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from megatron.core import parallel_state
+from torch import nn
+
+from parallelism.pipeline_partition import stage_layer_counts
+from parallelism.tensor_parallel import TensorParallel
+from training.config_schema import ModelConfig
+from training.kernels import Kernels
+from training.model import (FIRST_BLOCK_LAYER, BloomBlock, EmbeddingLayerNorm, language_model_loss,
+                            make_word_embeddings, seeded, tied_logits)
+
+TIED_KEY = "embed"
+
+
+class WordEmbeddingPipe(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int):
+        super().__init__()
+        self.word_embeddings = make_word_embeddings(cfg, tp, seed)
+
+    def forward(self, tokens):
+        return self.word_embeddings(tokens)
+
+
+def output_logits(embedding: WordEmbeddingPipe, hidden):
+    return tied_logits(hidden, embedding.word_embeddings.weight)
+
+
+class BlockPipe(BloomBlock):
+    """A BloomBlock initialised from its own seed, exactly as training.model.make_block builds it
+    (LayerSpec needs a class, not a factory)."""
+
+    def __init__(self, cfg, tp, kernels, seed, index):
+        with seeded(seed, FIRST_BLOCK_LAYER + index):
+            super().__init__(cfg, tp, kernels)
+
+
+class FinalLayerNormPipe(nn.Module):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels):
+        super().__init__()
+        self.norm = kernels.make_layer_norm(cfg.hidden_size, cfg.layer_norm_epsilon)
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+def pipeline_loss(parallel_logits, labels):
+    """DeepSpeed hands the last stage the second element of each batch: (labels, loss_mask)."""
+    target, loss_mask = labels
+    return language_model_loss(parallel_logits, target, loss_mask)
+
+
+class BloomPipeline(PipelineModule):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, kernels: Kernels, seed: int,
+                 topology: PipeModelDataParallelTopology):
+        self.stage_blocks = stage_layer_counts(cfg.num_layers, topology.get_dim("pipe"))
+        layers = [
+            TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, cfg, tp, seed,
+                          tied_weight_attr="word_embeddings.weight"),
+            LayerSpec(EmbeddingLayerNorm, cfg, kernels),
+            *[LayerSpec(BlockPipe, cfg, tp, kernels, seed, i) for i in range(cfg.num_layers)],
+            LayerSpec(FinalLayerNormPipe, cfg, kernels),
+            TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, cfg, tp, seed, forward_fn=output_logits,
+                          tied_weight_attr="word_embeddings.weight"),
+        ]
+        super().__init__(layers=layers, topology=topology, loss_fn=pipeline_loss,
+                         partition_method="bloom", activation_checkpoint_interval=0)
+
+    def _partition_layers(self, method="bloom"):
+        """Stage boundaries from stage_layer_counts: embedding + its LayerNorm on the first stage,
+        final LayerNorm + tied output on the last, blocks in between as counted."""
+        parts, position = [0], 2
+        for count in self.stage_blocks[:-1]:
+            position += count
+            parts.append(position)
+        parts.append(len(self._layer_specs))
+        self.parts = parts
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=parts[stage], stop=parts[stage + 1])
+
+
+def build_topology() -> PipeModelDataParallelTopology:
+    """DeepSpeed's topology for megatron's layout, checked to give every rank the same coordinates."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    dp = parallel_state.get_data_parallel_world_size()
+    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    check_coordinates_agree(topology)
+    return topology
+
+
+def check_coordinates_agree(topology: PipeModelDataParallelTopology) -> None:
+    import torch.distributed as dist
+
+    coord = topology.get_coord(dist.get_rank())
+    megatron = (parallel_state.get_pipeline_model_parallel_rank(),
+                parallel_state.get_data_parallel_rank(),
+                parallel_state.get_tensor_model_parallel_rank())
+    if (coord.pipe, coord.data, coord.model) != megatron:
+        raise RuntimeError(
+            f"rank {dist.get_rank()}: DeepSpeed puts it at (pp, dp, tp) = {(coord.pipe, coord.data, coord.model)} "
+            f"but megatron-core at {megatron}; the two rank orders disagree")

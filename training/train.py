@@ -1,0 +1,247 @@
+"""The train loop: data, engine, LR schedule, batch rampup, evaluation, guards, metrics.
+
+Every rank runs this; only global rank 0 prints and writes metrics.
+"""
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from data.datasets import build_datasets
+from data.sampler import build_eval_loader, iter_global_batches
+from parallelism.deepspeed_engine import BloomEngine
+from parallelism.topology import init_model_parallel, init_process_group, shutdown
+from training.config_checks import batch_schedule, validate
+from training.config_loader import ConfigError, to_yaml
+from training.flops import model_flops_per_iteration, tflops_per_device
+from training.lr_schedule import learning_rate
+from training.metrics import MetricsLogger
+from training.model import padded_vocab_size
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (too many non-finite steps in a row); the message says why."""
+
+
+@dataclass
+class LoopState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    nonfinite_in_a_row: int = 0
+    history: list = field(default_factory=list)  # (iteration, lm_loss) of every step run
+
+
+def total_train_samples(cfg, schedule) -> int:
+    if cfg.trainer.train_samples is not None:
+        return cfg.trainer.train_samples
+    consumed = 0
+    for _ in range(cfg.trainer.train_iters or 0):
+        consumed += schedule.global_batch(consumed)
+    return consumed
+
+
+def device_for_rank() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Megatron's seeding: the same seed on every TP and DP rank (hidden dropout must agree
+    across TP), offset by pipeline stage."""
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg, layout):
+        self.cfg, self.layout = cfg, layout
+        self.rank0 = dist.get_rank() == 0
+        self.device = device_for_rank()
+        self.schedule = batch_schedule(cfg, layout.dp)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.data = self._build_data()
+        self.engine = BloomEngine(cfg, layout, self.schedule.global_batch(0), self.device)
+        seed_everything(cfg.trainer.seed)
+        self.state = LoopState()
+        run_dir = Path(cfg.trainer.run_dir)
+        self.metrics = MetricsLogger(run_dir, cfg.logging, self.rank0, config_dict=_config_dict(cfg))
+        self.start_time = time.time()
+        self.nonfinite_limit = 5
+
+    def _build_data(self):
+        cfg = self.cfg
+        train = total_train_samples(cfg, self.schedule)
+        evals = (train // (cfg.trainer.eval_interval * cfg.trainer.global_batch_size) + 1)
+        valid = evals * cfg.trainer.eval_iters * cfg.trainer.global_batch_size
+        return build_datasets(cfg.data, train, valid_samples=valid)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def train(self) -> LoopState:
+        t = self.cfg.trainer
+        batches = iter_global_batches(self.data.train, self.schedule, self.state.consumed_samples,
+                                      self.dp_rank, self.cfg.data.loader_workers)
+        self._say(f"training {self.cfg.model.name}: TP {self.layout.tp} x PP {self.layout.pp} x DP "
+                  f"{self.layout.dp}, {t.precision}, {self._target()}")
+        window = time.time()
+        for consumed, micro_batches in batches:
+            if self._done():
+                break
+            result = self._step(micro_batches)
+            self._log_step(result, time.time() - window, len(micro_batches))
+            window = time.time()
+            if self.state.iteration % t.eval_interval == 0:
+                self.evaluate()
+            if self._should_exit():
+                break
+        return self.state
+
+    def _target(self) -> str:
+        t = self.cfg.trainer
+        return f"{t.train_iters} iterations" if t.train_iters is not None else f"{t.train_samples} samples"
+
+    def _done(self) -> bool:
+        t, s = self.cfg.trainer, self.state
+        if t.train_iters is not None:
+            return s.iteration >= t.train_iters
+        return t.train_samples is not None and s.consumed_samples >= t.train_samples
+
+    def _step(self, micro_batches):
+        s = self.state
+        lr = learning_rate(self.cfg.optim, s.consumed_samples)
+        self.engine.set_learning_rate(lr)
+        result = self.engine.train_step(micro_batches)
+        size = self.schedule.global_batch(s.consumed_samples)
+        s.iteration += 1
+        s.consumed_samples += size
+        s.consumed_tokens += size * self.cfg.data.seq_length
+        s.history.append((s.iteration, result.loss))
+        self._check_finite(result)
+        result.lr, result.global_batch = lr, size
+        return result
+
+    def _check_finite(self, result) -> None:
+        s = self.state
+        finite = np.isfinite(result.loss) and np.isfinite(result.grad_norm) and not result.skipped
+        s.nonfinite_in_a_row = 0 if finite else s.nonfinite_in_a_row + 1
+        if not finite:
+            self._say(f"iteration {s.iteration}: non-finite loss {result.loss} or grad norm "
+                      f"{result.grad_norm}: step skipped, weights unchanged")
+        if s.nonfinite_in_a_row >= self.nonfinite_limit:
+            raise TrainingStopped(
+                f"{s.nonfinite_in_a_row} non-finite steps in a row (iterations "
+                f"{s.iteration - s.nonfinite_in_a_row + 1}-{s.iteration}): stopping; resume from the last "
+                "checkpoint with a lower lr or skip this data range")
+
+    def _log_step(self, result, seconds: float, micro_batches: int) -> None:
+        s, cfg = self.state, self.cfg
+        seq = cfg.data.seq_length
+        flops = model_flops_per_iteration(cfg.model, padded_vocab_size(cfg.model, self.layout.tp),
+                                          result.global_batch, seq, cfg.model.activation_checkpointing)
+        metrics = {
+            "step": s.iteration, "lm_loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+            "loss_scale": result.loss_scale, "skipped": result.skipped,
+            "global_batch_size": result.global_batch, "consumed_samples": s.consumed_samples,
+            "consumed_tokens": s.consumed_tokens, "iteration_time": seconds,
+            "samples_per_sec": result.global_batch / seconds,
+            "tokens_per_sec": result.global_batch * seq / seconds,
+            "tflops_per_device": tflops_per_device(flops, seconds, self.layout.world_size),
+        }
+        self.metrics.log(s.iteration, metrics)
+        if self.rank0 and (s.iteration % cfg.logging.log_interval == 0 or s.iteration == 1):
+            print(self.metrics.format_line(s.iteration, metrics), flush=True)
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    def evaluate(self) -> dict:
+        """Validation loss on the blend and on each language's own validation set."""
+        mbs, iters = self.cfg.trainer.micro_batch_size, self.cfg.trainer.eval_iters
+        sets = {"valid": self.data.valid, **{f"valid/{k}": v for k, v in self.data.valid_per_dataset.items()}}
+        results = {}
+        for name, dataset in sets.items():
+            if dataset is None:
+                continue
+            loader = build_eval_loader(dataset, mbs, self.dp_rank, self.layout.dp)
+            micro = [b for _, b in zip(range(iters), loader)]
+            if micro:
+                results[f"{name}_loss"] = self.engine.eval_loss(micro)
+        if results:
+            self.metrics.log(self.state.iteration, {"step": self.state.iteration, **results})
+            languages = {k: v for k, v in results.items() if k.startswith("valid/")}
+            self._say(f"eval at iteration {self.state.iteration}: valid_loss {results.get('valid_loss', float('nan')):.4f}"
+                      + (f" ({len(languages)} languages, min {min(languages.values()):.3f}, "
+                         f"max {max(languages.values()):.3f})" if languages else ""))
+        return results
+
+    # -- exits ------------------------------------------------------------------------------
+
+    def _should_exit(self) -> bool:
+        t = self.cfg.trainer
+        flag = 0.0
+        if t.exit_duration_mins is not None and time.time() - self.start_time > 60 * t.exit_duration_mins:
+            flag = 1.0
+        if t.kill_switch_file and os.path.exists(t.kill_switch_file):
+            flag = 2.0
+        # Every rank must leave together: agree on the strongest reason.
+        value = torch.tensor([flag], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        reason = {1.0: f"wall-clock budget of {t.exit_duration_mins} min reached",
+                  2.0: f"kill switch {t.kill_switch_file} found"}.get(value.item())
+        if reason:
+            self._say(f"stopping at iteration {self.state.iteration}: {reason}")
+        return reason is not None
+
+    def _say(self, line: str) -> None:
+        if self.rank0:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def _config_dict(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def write_resolved_config(cfg) -> None:
+    path = Path(cfg.trainer.run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)
+
+
+def run(cfg) -> int:
+    """Train in this process (one rank of the job); returns the exit status."""
+    init_process_group()
+    try:
+        layout = validate(cfg, dist.get_world_size())
+        init_model_parallel(layout)
+        if dist.get_rank() == 0:
+            write_resolved_config(cfg)
+        trainer = Trainer(cfg, layout)
+        try:
+            state = trainer.train()
+        finally:
+            trainer.close()
+        if dist.get_rank() == 0 and state.history:
+            first, last = state.history[0][1], state.history[-1][1]
+            print(f"done: {state.iteration} iterations, {state.consumed_samples} samples, "
+                  f"lm_loss {first:.4f} -> {last:.4f}", flush=True)
+        return 0
+    finally:
+        shutdown()
