@@ -44,6 +44,7 @@ setup(
         "console_scripts": [
             "bloom-train=launch.train_cli:main",
             "bloom-preprocess=data.preprocess:main",
+            "bloom-slurm=launch.slurm:main",
         ]
     },
 )

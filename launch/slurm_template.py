@@ -1,0 +1,39 @@
+"""The sbatch script bloom-slurm renders: @NAME@ fields are filled in by launch/slurm.py.
+
+A Python string rather than a .sh file so that it ships with the package however it is installed.
+"""
+
+TEMPLATE = r'''#!/bin/bash
+# BLOOM pretraining job, rendered by bloom-slurm; re-render it rather than editing it.
+#   bloom-slurm @OVERRIDES@
+@SBATCH@
+
+# BigScience's tr11 launch: one srun task per node, each running torchrun over that node's
+# processes, all meeting at the first node. --kill-on-bad-exit ends every node when one fails
+# and --wait=60 ends the step 60 s after the first task exits, so a crashed rank cannot leave
+# the others waiting in a collective until the time limit.
+#
+# Before the time limit SLURM sends SIGUSR1 (--signal) to the step's processes; torchrun passes it
+# on to the workers (--signals-to-handle) and gives them --shutdown-timeout seconds to save a
+# checkpoint and exit before it kills them. --requeue lets SLURM (or the trainer, with
+# `scontrol requeue $SLURM_JOB_ID`) put the job back in the queue; it resumes from `latest`.
+set -euo pipefail
+cd @WORKDIR@
+
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=${MASTER_PORT:-@PORT@}
+PYTHON=@PYTHON@
+RANK_LOGS=@RANK_LOGS@/ranks-$SLURM_JOB_ID
+# srun from SLURM 22.05 on does not inherit the job's --cpus-per-task; this says it again.
+export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
+export MASTER_ADDR MASTER_PORT PYTHON RANK_LOGS
+echo "bloom-slurm: job $SLURM_JOB_ID, $SLURM_NNODES node(s) x @NPROC@ process(es), rendezvous at $MASTER_ADDR:$MASTER_PORT"
+
+# The single quotes matter: SLURM_PROCID differs per task, so the task's own shell expands it.
+srun --wait=60 --kill-on-bad-exit=1 bash -c 'exec "$PYTHON" -u -m torch.distributed.run \
+    --nproc_per_node @NPROC@ --nnodes "$SLURM_NNODES" --node_rank "$SLURM_PROCID" \
+    --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" \
+    --max_restarts 0 --tee 3 --log-dir "$RANK_LOGS" \
+    --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout @SHUTDOWN@ \
+    -m launch.train_cli "$@"' bloom-train @OVERRIDES@
+'''
