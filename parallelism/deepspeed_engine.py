@@ -64,6 +64,8 @@ class BloomEngine:
     def __init__(self, cfg, layout: Layout, initial_global_batch: int, device: torch.device):
         self.layout, self.device = layout, device
         self.pipelined = layout.pp > 1
+        # DeepSpeed's comm layer adopts the torch.distributed group already formed.
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
         seed = cfg.trainer.seed
         model = self._build_module(cfg, seed, device)
         self.optimizer = build_optimizer(model, cfg.optim)
@@ -102,7 +104,7 @@ class BloomEngine:
         self._set_global_batch(len(micro_batches) * self.layout.dp * micro_batches[0]["tokens"].shape[0])
         self.engine.train()
         if self.pipelined:
-            batches = [((t,), (l, m)) for t, l, m in map(self._to_device, micro_batches)]
+            batches = [(t, (l, m)) for t, l, m in map(self._to_device, micro_batches)]
             loss = self.engine.train_batch(iter(batches)).item()
         else:
             loss = self._train_plain(micro_batches)
@@ -127,7 +129,7 @@ class BloomEngine:
         """Mean loss over micro-batches (every DP rank's), weights untouched."""
         self.engine.eval()
         if self.pipelined:
-            batches = [((t,), (l, m)) for t, l, m in map(self._to_device, micro_batches)]
+            batches = [(t, (l, m)) for t, l, m in map(self._to_device, micro_batches)]
             loss = self.engine.eval_batch(iter(batches), num_micro_batches=len(batches)).item()
         else:
             losses = [self.engine(*self._to_device(b)).float() for b in micro_batches]

@@ -32,6 +32,7 @@ def tensor_parallel_from_state(seed: int, device, params_dtype=torch.float32,
         use_cpu_initialization=True,
         perform_initialization=initialize,
         params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,  # megatron insists when PP > 1; DeepSpeed moves the tensors
         gradient_accumulation_fusion=False,
     )
     return TensorParallel(rank, size, TensorParallelRNG(seed, rank, torch.device(device)), config)
