@@ -56,7 +56,8 @@ def deepspeed_config(cfg, layout: Layout, initial_global_batch: int) -> dict:
 class StepResult:
     loss: float
     grad_norm: float
-    skipped: bool
+    skipped: bool  # the weights did not change: a non-finite gradient, or an fp16 overflow
+    overflow: bool  # fp16 only: the loss scaler found inf/NaN and lowers its scale (expected now and then)
     loss_scale: float
 
 
@@ -108,7 +109,9 @@ class BloomEngine:
             loss = self.engine.train_batch(iter(batches)).item()
         else:
             loss = self._train_plain(micro_batches)
-        return StepResult(loss, self._grad_norm(), self._skipped(), self._loss_scale())
+        overflow = bool(getattr(self.engine.optimizer, "overflow", False))
+        skipped = overflow or self.optimizer.skipped_last_step
+        return StepResult(loss, self._grad_norm(), skipped, overflow, self._loss_scale())
 
     def _train_plain(self, micro_batches) -> float:
         total = torch.zeros((), device=self.device)
@@ -140,10 +143,6 @@ class BloomEngine:
     def _grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
-
-    def _skipped(self) -> bool:
-        overflow = bool(getattr(self.engine.optimizer, "overflow", False))
-        return overflow or self.optimizer.skipped_last_step
 
     def _loss_scale(self) -> float:
         scale = getattr(self.engine.optimizer, "cur_scale", None)

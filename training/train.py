@@ -29,12 +29,35 @@ class TrainingStopped(RuntimeError):
     """Training cannot go on (too many non-finite steps in a row); the message says why."""
 
 
+class NonFiniteGuard:
+    """Counts steps whose loss was not finite or whose gradients were (and so were skipped); stops
+    the run after `limit` in a row, naming the iterations, so a diverged run does not burn its
+    budget. An fp16 loss-scale overflow is the scaler doing its job and does not count."""
+
+    def __init__(self, limit: int = 5):
+        self.limit, self.in_a_row = limit, 0
+
+    def update(self, iteration: int, loss: float, grad_norm: float, skipped: bool, overflow: bool = False):
+        """The line to report for this step, or None when it was a normal step."""
+        if overflow and np.isfinite(loss):
+            return f"iteration {iteration}: fp16 overflow, step skipped, loss scale lowered"
+        finite = np.isfinite(loss) and not skipped
+        self.in_a_row = 0 if finite else self.in_a_row + 1
+        if self.in_a_row >= self.limit:
+            raise TrainingStopped(
+                f"{self.in_a_row} non-finite steps in a row (iterations {iteration - self.in_a_row + 1}-"
+                f"{iteration}): stopping; resume from the last checkpoint with a lower lr or skip this data range")
+        if finite:
+            return None
+        return (f"iteration {iteration}: loss {loss}, grad norm {grad_norm}: step skipped, "
+                "weights unchanged")
+
+
 @dataclass
 class LoopState:
     iteration: int = 0
     consumed_samples: int = 0
     consumed_tokens: int = 0
-    nonfinite_in_a_row: int = 0
     history: list = field(default_factory=list)  # (iteration, lm_loss) of every step run
 
 
@@ -78,7 +101,7 @@ class Trainer:
         run_dir = Path(cfg.trainer.run_dir)
         self.metrics = MetricsLogger(run_dir, cfg.logging, self.rank0, config_dict=_config_dict(cfg))
         self.start_time = time.time()
-        self.nonfinite_limit = 5
+        self.guard = NonFiniteGuard()
 
     def _build_data(self):
         cfg = self.cfg
@@ -133,17 +156,10 @@ class Trainer:
         return result
 
     def _check_finite(self, result) -> None:
-        s = self.state
-        finite = np.isfinite(result.loss) and np.isfinite(result.grad_norm) and not result.skipped
-        s.nonfinite_in_a_row = 0 if finite else s.nonfinite_in_a_row + 1
-        if not finite:
-            self._say(f"iteration {s.iteration}: non-finite loss {result.loss} or grad norm "
-                      f"{result.grad_norm}: step skipped, weights unchanged")
-        if s.nonfinite_in_a_row >= self.nonfinite_limit:
-            raise TrainingStopped(
-                f"{s.nonfinite_in_a_row} non-finite steps in a row (iterations "
-                f"{s.iteration - s.nonfinite_in_a_row + 1}-{s.iteration}): stopping; resume from the last "
-                "checkpoint with a lower lr or skip this data range")
+        message = self.guard.update(self.state.iteration, result.loss, result.grad_norm, result.skipped,
+                                    result.overflow)
+        if message:
+            self._say(message)
 
     def _log_step(self, result, seconds: float, micro_batches: int) -> None:
         s, cfg = self.state, self.cfg
@@ -152,7 +168,7 @@ class Trainer:
                                           result.global_batch, seq, cfg.model.activation_checkpointing)
         metrics = {
             "step": s.iteration, "lm_loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-            "loss_scale": result.loss_scale, "skipped": result.skipped,
+            "loss_scale": result.loss_scale, "skipped": result.skipped, "overflow": result.overflow,
             "global_batch_size": result.global_batch, "consumed_samples": s.consumed_samples,
             "consumed_tokens": s.consumed_tokens, "iteration_time": seconds,
             "samples_per_sec": result.global_batch / seconds,
