@@ -17,6 +17,7 @@ from data.datasets import build_datasets
 from data.sampler import build_eval_loader, iter_global_batches
 from parallelism.deepspeed_engine import BloomEngine
 from parallelism.topology import init_model_parallel, init_process_group, shutdown
+from parallelism.tp_replicas import sync_replicated_parameters
 from training.config_checks import batch_schedule, validate
 from training.config_loader import ConfigError, to_yaml
 from training.flops import model_flops_per_iteration, tflops_per_device
@@ -175,6 +176,11 @@ class Trainer:
             "tokens_per_sec": result.global_batch * seq / seconds,
             "tflops_per_device": tflops_per_device(flops, seconds, self.layout.world_size),
         }
+        if s.iteration % cfg.logging.log_interval == 0 or s.iteration == 1:
+            metrics["tp_replica_drift"] = sync_replicated_parameters(self.engine.module)
+            if metrics["tp_replica_drift"] > 0:
+                self._say(f"iteration {s.iteration}: replicated parameters drifted by "
+                          f"{metrics['tp_replica_drift']:.3g} across TP ranks; re-synced from TP rank 0")
         self.metrics.log(s.iteration, metrics)
         if self.rank0 and (s.iteration % cfg.logging.log_interval == 0 or s.iteration == 1):
             print(self.metrics.format_line(s.iteration, metrics), flush=True)
