@@ -8,17 +8,7 @@ from typing import Dict, List
 
 import torch
 
-from training.param_table import Split, iter_parameters
-
-
-def _pad_vocab_rows(tensor: torch.Tensor, padded_vocab: int) -> torch.Tensor:
-    if tensor.shape[0] > padded_vocab:
-        raise ValueError(
-            f"the HF vocabulary ({tensor.shape[0]} rows) is larger than the model's padded "
-            f"vocabulary ({padded_vocab}): raise model.vocab_size or model.padded_vocab_size"
-        )
-    pad = tensor.new_zeros(padded_vocab - tensor.shape[0], *tensor.shape[1:])
-    return torch.cat([tensor, pad])
+from training.param_table import Split, iter_parameters, shard_tensor
 
 
 def shard_from_hf(hf_state: Dict[str, torch.Tensor], num_layers: int, tp_rank: int, tp_size: int,
@@ -29,11 +19,11 @@ def shard_from_hf(hf_state: Dict[str, torch.Tensor], num_layers: int, tp_rank: i
         if hf_name not in hf_state:
             raise KeyError(f"the HF checkpoint has no {hf_name}")
         tensor = hf_state[hf_name]
-        if spec.split is Split.VOCAB:
-            tensor = _pad_vocab_rows(tensor, padded_vocab)
-        if spec.split.dim is not None:
-            tensor = tensor.chunk(tp_size, dim=spec.split.dim)[tp_rank]
-        shard[name] = tensor.clone()
+        if spec.split is Split.VOCAB and tensor.shape[0] > padded_vocab:
+            raise ValueError(
+                f"the HF vocabulary ({tensor.shape[0]} rows) is larger than the model's padded "
+                f"vocabulary ({padded_vocab}): raise model.vocab_size or model.padded_vocab_size")
+        shard[name] = shard_tensor(tensor, spec.split, tp_rank, tp_size, padded_vocab).clone()
     return shard
 
 

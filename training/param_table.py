@@ -105,3 +105,23 @@ def shard_numel(spec: ParamSpec, shape: Shape, tp: int) -> int:
     """Elements one TP rank holds of this parameter."""
     full = numel(spec.shape(shape))
     return full if spec.split is Split.REPLICATED else full // tp
+
+
+def resize_vocab_rows(tensor, padded_vocab: int):
+    """Rows of a vocabulary tensor made `padded_vocab` long: zero rows appended, or padding rows
+    dropped. Callers make sure dropped rows are padding (beyond the tokenizer's vocabulary)."""
+    import torch
+
+    rows = tensor.shape[0]
+    if rows >= padded_vocab:
+        return tensor[:padded_vocab]
+    return torch.cat([tensor, tensor.new_zeros(padded_vocab - rows, *tensor.shape[1:])])
+
+
+def shard_tensor(tensor, split: Split, tp_rank: int, tp_size: int, padded_vocab: int = None):
+    """One TP rank's part of a whole tensor."""
+    if split is Split.VOCAB and padded_vocab is not None:
+        tensor = resize_vocab_rows(tensor, padded_vocab)
+    if split.dim is None:
+        return tensor
+    return tensor.chunk(tp_size, dim=split.dim)[tp_rank]

@@ -1,0 +1,192 @@
+"""The checkpoint format on disk: layout-independent ("universal"), safetensors, checksummed.
+
+    <checkpoints>/iter_00000100/
+        manifest.json                  format, iteration, model shape, saved layout, and the bytes +
+                                       sha256 of every other file (written last: no manifest, no
+                                       checkpoint)
+        model/tp00-pp00.safetensors    each parameter the (TP rank, PP stage) holds, under its
+                                       canonical name (training/param_table.py), fp32 (the master
+                                       weights), this TP rank's shard, whole over DP
+        optim/tp00-pp00.safetensors    "<name>/exp_avg", "<name>/exp_avg_sq" in the same layout
+        optim/meta.json                Adam step count and hyperparameters
+        trainer_state.json             iteration, consumed samples and tokens, schedule state
+        rng/rank00000.pt               each rank's RNG states (tensors and ints only)
+        config.yaml, tokenizer/        the resolved config and the tokenizer
+    <checkpoints>/latest               the name of the newest complete checkpoint
+
+A parameter split over TP is stored as the shards the saving layout had; readers concatenate
+them along the split dimension of the table, so any layout can load any checkpoint. Nothing here
+unpickles anything that is not checked first: safetensors for tensors, JSON for the rest, RNG
+files loaded with weights_only=True after their checksum matched.
+"""
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, Iterable, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from training.param_table import PARAMETERS, Split
+
+FORMAT = "bloom-pretrain-checkpoint/1"
+MANIFEST = "manifest.json"
+LATEST = "latest"
+SPLITS = {spec.name.format(i="*"): spec.split for spec in PARAMETERS}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+def shard_file(kind: str, tp_rank: int, pp_rank: int) -> str:
+    return f"{kind}/tp{tp_rank:02d}-pp{pp_rank:02d}.safetensors"
+
+
+def iteration_dir(checkpoints: Path, iteration: int) -> Path:
+    return Path(checkpoints) / f"iter_{iteration:08d}"
+
+
+def split_of(name: str) -> Split:
+    """The TP split of a canonical parameter name ("h.3.mlp..." -> the "h.*.mlp..." entry)."""
+    parts = name.split(".")
+    key = ".".join("*" if (i == 1 and parts[0] == "h") else p for i, p in enumerate(parts))
+    if key not in SPLITS:
+        raise CheckpointError(f"{name} is not a BLOOM parameter")
+    return SPLITS[key]
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+def write_tensors(path: Path, tensors: Dict[str, torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def finalize(staging: Path, final: Path, manifest: dict) -> None:
+    """Checksum every file, write the manifest, then make the checkpoint visible with one rename
+    and point `latest` at it (itself replaced by a rename): a crash at any point leaves either
+    the previous state or the new complete one."""
+    files = {str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+             for p in sorted(staging.rglob("*")) if p.is_file()}
+    write_json(staging / MANIFEST, {**manifest, "format": FORMAT, "files": files})
+    _fsync_tree(staging)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    latest_tmp = final.parent / f".{LATEST}.tmp"
+    latest_tmp.write_text(final.name + "\n")
+    os.replace(latest_tmp, final.parent / LATEST)
+
+
+def staging_dir(final: Path) -> Path:
+    return final.parent / f".{final.name}.partial"
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+def read_manifest(directory: Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {MANIFEST}: not a complete checkpoint")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: unreadable manifest ({error})") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT}")
+    return manifest
+
+
+def verify(directory: Path, files: Optional[Iterable[str]] = None) -> dict:
+    """The manifest, after checking the size and sha256 of the listed files (all by default)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    for name in files if files is not None else manifest["files"]:
+        expected = manifest["files"].get(name)
+        path = directory / name
+        if expected is None or not path.is_file():
+            raise CheckpointError(f"{path}: missing from the checkpoint")
+        if path.stat().st_size != expected["bytes"] or sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{path}: size or checksum differs from the manifest (corrupt)")
+    return manifest
+
+
+def resolve_latest(checkpoints: Path) -> Optional[Path]:
+    pointer = Path(checkpoints) / LATEST
+    if not pointer.is_file():
+        return None
+    return Path(checkpoints) / pointer.read_text().strip()
+
+
+def complete_checkpoints(checkpoints: Path) -> list:
+    """Complete checkpoint directories, oldest first (partial ones are hidden dot-directories)."""
+    root = Path(checkpoints)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("iter_*") if (p / MANIFEST).is_file())
+
+
+def saved_shards(manifest: dict, kind: str, pp_rank_files: bool = True) -> list:
+    return sorted(f for f in manifest["files"] if f.startswith(f"{kind}/") and f.endswith(".safetensors"))
+
+
+def read_full_tensors(directory: Path, kind: str, names: Iterable[str], suffix: str = "") -> Dict[str, torch.Tensor]:
+    """Whole tensors (TP shards concatenated along their split) of the given canonical names,
+    from the `kind` ("model" or "optim") files of a checkpoint saved at any layout."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    tp = manifest["saved_layout"]["tp"]
+    wanted = {name + suffix: name for name in names}
+    pieces: Dict[str, Dict[int, torch.Tensor]] = {key: {} for key in wanted}
+    for rel in saved_shards(manifest, kind):
+        tp_rank = int(Path(rel).stem.split("-")[0][2:])
+        with safe_open(str(directory / rel), framework="pt") as f:
+            for key in set(f.keys()) & set(wanted):
+                pieces[key][tp_rank] = f.get_tensor(key)
+    full = {}
+    for key, name in wanted.items():
+        shards = pieces[key]
+        if not shards:
+            raise CheckpointError(f"{directory}: no {kind} tensor {key}")
+        dim = split_of(name).dim
+        if dim is None:
+            full[name] = shards[min(shards)]
+        else:
+            if sorted(shards) != list(range(tp)):
+                raise CheckpointError(f"{directory}: {key} has shards {sorted(shards)} of {tp}")
+            full[name] = torch.cat([shards[r] for r in range(tp)], dim=dim)
+    return full
+
+
+def parameter_names(directory: Path) -> list:
+    """Every canonical parameter name stored in a checkpoint's model files."""
+    directory = Path(directory)
+    names = set()
+    for rel in saved_shards(read_manifest(directory), "model"):
+        with safe_open(str(directory / rel), framework="pt") as f:
+            names.update(f.keys())
+    return sorted(names)
