@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from launch.local import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 START = REPO / "tests" / "slurm" / "start_cluster.sh"
 TEST_CLUSTER = "bloomtest"  # ClusterName in the slurm.conf start_cluster.sh writes
@@ -88,7 +90,10 @@ def test_bloom_slurm_submit_runs_a_two_process_dry_run(slurm_cluster, tmp_path):
     run_dir = tmp_path / "run"
     overrides = ["launcher.nodes=1", "launcher.gpus_per_node=0", "launcher.nproc_per_node=2",
                  "launcher.time=00:05:00", "trainer.dry_run=true", f"trainer.run_dir={run_dir}"]
-    submitted = subprocess.run([sys.executable, "-m", "launch.slurm", "--submit", *overrides],
+    # A free rendezvous port rather than BigScience's 6000, which a CI machine may be using.
+    port = str(free_port())
+    submitted = subprocess.run([sys.executable, "-m", "launch.slurm", "--submit", "--port", port,
+                                *overrides],
                                cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
@@ -100,7 +105,8 @@ def test_bloom_slurm_submit_runs_a_two_process_dry_run(slurm_cluster, tmp_path):
         pytest.xfail("bloom-train's dry run builds a 1-process layout inside a 2-process group "
                      "(launch/train_cli.py dry_run); the SLURM launch itself worked")
     assert state == "COMPLETED exit 0:0", f"job {job_id}: {state}\n{out[-2000:]}\n{err[-3000:]}"
-    assert f"bloom-slurm: job {job_id}, 1 node(s) x 2 process(es)" in out
+    assert f"bloom-slurm: job {job_id}, 1 node(s) x 2 process(es), rendezvous at " in out
+    assert out.split("rendezvous at ")[1].split()[0].endswith(f":{port}")
     assert (run_dir / "plan.json").is_file()
     assert (run_dir / "bloom-slurm.sbatch").is_file()
 
