@@ -77,11 +77,17 @@ class BloomEngine:
         self.global_batch = initial_global_batch
 
     def _build_module(self, cfg, seed, device):
+        self.tp = tensor_parallel_from_state(seed, device)
         if not self.pipelined:
-            return build_model(cfg.model, seed=seed, device=device)
+            return build_model(cfg.model, seed=seed, device=device, tp=self.tp)
         kernels = select_kernels(cfg.model.kernels, device, cfg.model.attention_dropout)
-        tp = tensor_parallel_from_state(seed, device)
-        return BloomPipeline(cfg.model, tp, kernels, seed, build_topology()).to(device)
+        return BloomPipeline(cfg.model, self.tp, kernels, seed, build_topology()).to(device)
+
+    def tp_rng_state(self) -> torch.Tensor:
+        return self.tp.rng.snapshot()
+
+    def set_tp_rng_state(self, state: torch.Tensor) -> None:
+        self.tp.rng.load_state_dict({"state": state})
 
     @property
     def module(self):

@@ -111,3 +111,20 @@ def check_coordinates_agree(topology: PipeModelDataParallelTopology) -> None:
         raise RuntimeError(
             f"rank {dist.get_rank()}: DeepSpeed puts it at (pp, dp, tp) = {(coord.pipe, coord.data, coord.model)} "
             f"but megatron-core at {megatron}; the two rank orders disagree")
+
+
+def canonical_name(pipe_name: str, num_layers: int) -> str:
+    """Our canonical (param_table) name of a PipelineModule parameter.
+
+    DeepSpeed names a stage's parameters by layer index ("4.mlp.dense_h_to_4h.weight", "1.norm.bias")
+    and the tied embedding "tied_modules.embed.word_embeddings.weight".
+    """
+    if pipe_name.startswith(f"tied_modules.{TIED_KEY}."):
+        return pipe_name[len(f"tied_modules.{TIED_KEY}."):]
+    index, rest = pipe_name.split(".", 1)
+    index = int(index)
+    if index == 1:
+        return "word_embeddings_layernorm." + rest.removeprefix("norm.")
+    if index == num_layers + 2:
+        return "ln_f." + rest.removeprefix("norm.")
+    return f"h.{index - FIRST_BLOCK_LAYER}.{rest}"

@@ -88,6 +88,7 @@ INVALID = {
                                           "model.padded_vocab_size=8001"),
     "ZeRO 2 with PP": (["parallel.zero_stage=2", "parallel.pp=2", "launcher.nproc_per_node=2"],
                        "parallel.zero_stage=2"),
+    "16-bit without ZeRO": (["trainer.precision=bf16", "parallel.zero_stage=0"], "parallel.zero_stage >= 1"),
     "unknown key": (["model.hiden_size=64"], "model.hiden_size"),
     "unknown group option": (["model=bloom-99b"], "model/bloom-99b"),
     "wrong type": (["trainer.micro_batch_size=big"], "trainer.micro_batch_size"),

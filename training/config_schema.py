@@ -62,7 +62,8 @@ class TrainerConfig:
     train_samples: Optional[int] = None
     precision: str = "fp32"  # fp32 | bf16 | fp16
     seed: int = 42
-    save_interval: int = 100
+    save_interval: int = 100  # iterations; a checkpoint is also saved on every exit
+    keep_checkpoints: int = 3  # the newest K complete checkpoints are kept (0 = all)
     eval_interval: int = 1000
     eval_iters: int = 10
     run_dir: str = "runs/default"

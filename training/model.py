@@ -236,14 +236,14 @@ def gather_logits(parallel_logits: torch.Tensor) -> torch.Tensor:
 
 
 def build_model(cfg: ModelConfig, *, seed: int, device="cpu", params_dtype=torch.float32,
-                meta: bool = False) -> BloomModel:
+                meta: bool = False, tp: TensorParallel = None) -> BloomModel:
     """This rank's BloomModel; megatron parallel_state must be initialised.
 
     meta=True builds it on the meta device: shapes and parameter counts with no memory (the plan).
     """
     device = torch.device(device)
     kernels = select_kernels(cfg.kernels, device, cfg.attention_dropout)
-    tp = tensor_parallel_from_state(seed, device, params_dtype, initialize=not meta)
+    tp = tp or tensor_parallel_from_state(seed, device, params_dtype, initialize=not meta)
     if meta:
         with torch.device("meta"):
             return BloomModel(cfg, tp, kernels, seed)

@@ -4,6 +4,7 @@ Every rank runs this; only global rank 0 prints and writes metrics.
 """
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from data.sampler import build_eval_loader, iter_global_batches
 from parallelism.deepspeed_engine import BloomEngine
 from parallelism.topology import init_model_parallel, init_process_group, shutdown
 from parallelism.tp_replicas import sync_replicated_parameters
+from training.checkpoint import Checkpointer
 from training.config_checks import batch_schedule, validate
 from training.config_loader import ConfigError, to_yaml
 from training.flops import model_flops_per_iteration, tflops_per_device
@@ -103,6 +105,38 @@ class Trainer:
         self.metrics = MetricsLogger(run_dir, cfg.logging, self.rank0, config_dict=_config_dict(cfg))
         self.start_time = time.time()
         self.guard = NonFiniteGuard()
+        self.checkpointer = Checkpointer(cfg, layout, self.engine, self.data.tokenizer.directory)
+        self.saved_at = None
+        self.signal_received = None
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._on_signal)
+        self._resume()
+
+    def _on_signal(self, signum, _frame) -> None:
+        # Only note it: the loop saves and exits at the next step boundary, all ranks together.
+        self.signal_received = signum
+
+    def _resume(self) -> None:
+        directory = self.checkpointer.choose(self.cfg.trainer.resume, self._say)
+        if directory is None:
+            return
+        saved = self.checkpointer.load(directory)
+        s = self.state
+        s.iteration, s.consumed_samples = saved["iteration"], saved["consumed_samples"]
+        s.consumed_tokens = saved["consumed_tokens"]
+        self.saved_at = s.iteration
+        if not saved["same_layout"]:
+            seed_everything(self.cfg.trainer.seed + s.iteration)  # the saved streams belong to other ranks
+        dropped = self.metrics.truncate_after(s.iteration)
+        self._say(f"resumed from {directory} at iteration {s.iteration}, {s.consumed_samples} samples"
+                  + ("" if saved["same_layout"] else " (new layout: weights and optimizer state reshaped)")
+                  + (f"; dropped {dropped} metrics lines logged after it" if dropped else ""))
+
+    def save(self) -> None:
+        if self.saved_at != self.state.iteration:
+            path = self.checkpointer.save(self.state)
+            self.saved_at = self.state.iteration
+            self._say(f"saved checkpoint {path}")
 
     def _build_data(self):
         cfg = self.cfg
@@ -128,8 +162,12 @@ class Trainer:
             window = time.time()
             if self.state.iteration % t.eval_interval == 0:
                 self.evaluate()
+            if self.state.iteration % t.save_interval == 0:
+                self.save()
             if self._should_exit():
                 break
+        if self.state.iteration > 0:
+            self.save()
         return self.state
 
     def _target(self) -> str:
@@ -216,11 +254,14 @@ class Trainer:
             flag = 1.0
         if t.kill_switch_file and os.path.exists(t.kill_switch_file):
             flag = 2.0
+        if self.signal_received is not None:
+            flag = 3.0
         # Every rank must leave together: agree on the strongest reason.
         value = torch.tensor([flag], device=self.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         reason = {1.0: f"wall-clock budget of {t.exit_duration_mins} min reached",
-                  2.0: f"kill switch {t.kill_switch_file} found"}.get(value.item())
+                  2.0: f"kill switch {t.kill_switch_file} found",
+                  3.0: "signal received (SIGTERM/SIGUSR1)"}.get(value.item())
         if reason:
             self._say(f"stopping at iteration {self.state.iteration}: {reason}")
         return reason is not None
