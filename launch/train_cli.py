@@ -1,7 +1,11 @@
 """bloom-train: validate the config, then plan (dry run) or train.
 
     bloom-train [hydra overrides...]     e.g. experiment=bloom-176b trainer.dry_run=true
+
+Started by hand with launcher.nproc_per_node=N > 1 it starts N local processes with torchrun;
+under torchrun or srun it joins the job it finds in the environment.
 """
+import os
 import sys
 import warnings
 
@@ -9,46 +13,74 @@ import warnings
 # on CPU and would bury the one line a user needs to read.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
-from training.config_loader import ConfigError, load_config
+from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
+
+from data.errors import DataError  # noqa: E402
+from launch.env import distributed_env, export_torch_env  # noqa: E402
+from launch.local import relaunch_with_torchrun  # noqa: E402
+from training.checkpoint_files import CheckpointError  # noqa: E402
+from training.config_loader import ConfigError, load_config  # noqa: E402
 
 
-def fail(message: str) -> int:
+def fail(message: str, status: int = 2) -> int:
     print(f"bloom-train: error: {message}", file=sys.stderr)
-    return 2
+    return status
 
 
 def dry_run(cfg) -> int:
+    import torch.distributed as dist
+
     from parallelism.topology import Layout, init_model_parallel, init_process_group, shutdown
     from training.config_checks import validate
     from training.plan import format_plan, make_plan, write_plan
 
     layout = validate(cfg)
-    # The plan counts parameters on a meta-device model, which needs megatron's TP state (TP=1 here).
+    # The plan counts parameters on a meta-device model, which needs megatron's TP state (TP=1).
     init_process_group("gloo")
-    init_model_parallel(Layout(1, 1, 1))
+    init_model_parallel(Layout(1, 1, dist.get_world_size()))
     try:
         plan = make_plan(cfg, layout)
+        rank = dist.get_rank()
     finally:
         shutdown()
-    print(format_plan(plan))
-    print(f"plan written to {write_plan(plan, cfg.trainer.run_dir)}")
+    if rank == 0:
+        print(format_plan(plan))
+        print(f"plan written to {write_plan(plan, cfg.trainer.run_dir)}")
     return 0
 
 
+def launch(cfg, argv) -> int:
+    """Join the job in the environment, or start the local processes the config asks for."""
+    from training.config_checks import procs_per_node
+
+    env = distributed_env()
+    if env is not None:
+        export_torch_env(env)
+    elif not cfg.trainer.dry_run and cfg.launcher.nodes > 1:
+        return fail(f"launcher.nodes={cfg.launcher.nodes} needs a cluster launcher: "
+                    "submit it with bloom-slurm, or start it under torchrun or srun")
+    elif not cfg.trainer.dry_run and procs_per_node(cfg) > 1:
+        return relaunch_with_torchrun(procs_per_node(cfg), argv,
+                                      log_dir=os.path.join(cfg.trainer.run_dir, "logs", "ranks"))
+    if cfg.trainer.dry_run:
+        return dry_run(cfg)
+    from training.train import run
+
+    return run(cfg)
+
+
+@record
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in argv):
         print(__doc__)
         return 0
     try:
-        cfg = load_config(argv)
-        if cfg.trainer.dry_run:
-            return dry_run(cfg)
-        from training.train import run
-
-        return run(cfg)
-    except ConfigError as error:
+        return launch(load_config(argv), argv)
+    except (ConfigError, DataError, CheckpointError) as error:
         return fail(str(error))
+    except KeyboardInterrupt:
+        return fail("interrupted", 130)
 
 
 if __name__ == "__main__":

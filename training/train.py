@@ -5,6 +5,7 @@ Every rank runs this; only global rank 0 prints and writes metrics.
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,6 +300,10 @@ def run(cfg) -> int:
         trainer = Trainer(cfg, layout)
         try:
             state = trainer.train()
+        except TrainingStopped as error:
+            if dist.get_rank() == 0:
+                print(f"bloom-train: error: {error}", file=sys.stderr, flush=True)
+            return 3
         finally:
             trainer.close()
         if dist.get_rank() == 0 and state.history:
