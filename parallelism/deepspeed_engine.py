@@ -121,7 +121,10 @@ class BloomEngine:
 
     def _train_plain(self, micro_batches) -> float:
         total = torch.zeros((), device=self.device)
-        for batch in micro_batches:
+        for index, batch in enumerate(micro_batches):
+            # Say where the step is: DeepSpeed's own count (micro_steps modulo the accumulation
+            # steps) puts it in the wrong place once the batch rampup changes the count mid-run.
+            self.engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
             loss = self.engine(*self._to_device(batch))
             self.engine.backward(loss)
             self.engine.step()
