@@ -1,0 +1,230 @@
+"""bloom-eval: loss and perplexity of a checkpoint or an HF BLOOM directory on JSONL text.
+
+    bloom-eval CHECKPOINT_OR_HF_DIR --data PATH.jsonl [PATH ...] [--seq-length N] [--batch-size B]
+               [--tokenizer DIR] [parallel.tp=2 parallel.pp=2 launcher.nproc_per_node=4 model.kernels=eager]
+
+Prints one JSON object on stdout: "overall" and "languages" (per `lang` field), each with loss
+(mean token cross entropy over every predicted token), perplexity (exp of it), tokens, sequences,
+documents. How text becomes sequences: training/eval_data.py. Any TP x PP (x DP) layout runs;
+with launcher.nproc_per_node > 1 and no launcher around it, the command re-runs itself under
+torchrun. An HF directory is first imported to a temporary checkpoint (bloom-import). Only
+parallel.*, launcher.* and model.kernels overrides apply; the model's shape comes from the
+checkpoint. Arguments of the form key=value are overrides (a data path may not contain "=").
+"""
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
+PROG = "bloom-eval"
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+ALLOWED_OVERRIDES = ("parallel.", "launcher.", "model.kernels=")
+RESULT_FLAG, SOURCE_FLAG = "--result-file", "--source"
+
+
+class UsageError(ValueError):
+    pass
+
+
+def fail(message: str, status: int = 2) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return status
+
+
+def parse_args(argv):
+    overrides = [a for a in argv if OVERRIDE.match(a)]
+    options = [a for a in argv if not OVERRIDE.match(a)]
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="checkpoint dir, checkpoints dir with `latest`, or HF dir")
+    parser.add_argument("--data", nargs="+", required=True, help="JSONL files or folders (text, lang)")
+    parser.add_argument("--seq-length", type=int, help="default: the checkpoint config's data.seq_length, else 2048")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--tokenizer", help="default: the checkpoint's tokenizer/")
+    # Set by the torchrun relaunch: where rank 0 writes its result, and the path the user gave.
+    parser.add_argument(RESULT_FLAG, help=argparse.SUPPRESS)
+    parser.add_argument(SOURCE_FLAG, help=argparse.SUPPRESS)
+    args = parser.parse_args(options)
+    for override in overrides:
+        if not override.startswith(ALLOWED_OVERRIDES):
+            raise UsageError(f"{override}: only parallel.*, launcher.* and model.kernels apply to "
+                             "evaluation (the model's shape comes from the checkpoint)")
+    if args.batch_size < 1 or (args.seq_length is not None and args.seq_length < 1):
+        raise UsageError("--batch-size and --seq-length must be positive")
+    return args, overrides
+
+
+def is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "manifest.json").is_file() \
+        and not (path / "latest").is_file()
+
+
+def as_checkpoint(path: str, tokenizer, workdir: Path) -> Path:
+    """The checkpoint to evaluate: the path itself, or an HF directory imported under workdir."""
+    from training.hf_import import import_hf
+
+    source = Path(path)
+    return import_hf(source, workdir / "imported", tokenizer) if is_hf_dir(source) else source
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Route fd 1 to stderr while the model runs: DeepSpeed and megatron log to stdout, and the
+    JSON object must be the only thing there."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+# -- one rank ------------------------------------------------------------------------------------
+
+def evaluate_rank(args, cfg) -> dict:
+    """Evaluate as one rank of the job (a one-process job when no launcher started it)."""
+    import torch.distributed as dist
+
+    from data.tokenizer import TokenizerInfo
+    from parallelism.topology import Layout, init_model_parallel, init_process_group, shutdown
+    from training.eval_data import OVERALL, build_eval_sets, read_documents
+    from training.evaluate import EvalLayoutError, build_stage, check_layout, evaluate_sets
+    from training.saved_model import model_config, open_checkpoint, saved_config
+
+    init_process_group()
+    workdir = Path(tempfile.mkdtemp(prefix=f"bloom-eval-rank{dist.get_rank()}-"))
+    try:
+        tp, pp, world = cfg.parallel.tp, cfg.parallel.pp, dist.get_world_size()
+        if tp < 1 or pp < 1 or world % (tp * pp):
+            raise EvalLayoutError(f"world size {world} is not a multiple of parallel.tp x parallel.pp = {tp} x {pp}")
+        layout = Layout(tp, pp, world // (tp * pp))
+        directory, manifest, shape = open_checkpoint(as_checkpoint(args.checkpoint, args.tokenizer, workdir))
+        model_cfg = model_config(shape, kernels=cfg.model.kernels)
+        check_layout(model_cfg, tp, pp)
+        verify_model_files(directory, manifest)
+        init_model_parallel(layout)
+        tokenizer = TokenizerInfo(args.tokenizer or _checkpoint_tokenizer(directory))
+        seq_length = args.seq_length or ((saved_config(directory) or {}).get("data") or {}).get("seq_length") or 2048
+        sets = build_eval_sets(read_documents(args.data), tokenizer.encode_batch, tokenizer.eod,
+                               shape["padded_vocab_size"])
+        device = _device()
+        model = build_stage(model_cfg, directory, shape, device)
+        results = evaluate_sets(model, sets, seq_length, args.batch_size, shape["hidden_size"], device)
+        source = args.source or args.checkpoint
+        return {
+            "model": str(source), "imported_from_hf": bool(manifest.get("imported_from")) and is_hf_dir(Path(source)),
+            "iteration": manifest.get("iteration"),
+            "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
+            "seq_length": seq_length, "batch_size": args.batch_size, "tokenizer_vocab": tokenizer.vocab_size,
+            "overall": results[OVERALL],
+            "languages": {name: r for name, r in results.items() if name != OVERALL},
+            "rank": dist.get_rank(),
+        }
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutdown()
+
+
+def verify_model_files(directory: Path, manifest: dict) -> None:
+    """Checksums of the model files before they are read (every rank reads them all)."""
+    from training.checkpoint_files import verify
+
+    verify(directory, [f for f in manifest["files"] if f.startswith("model/")])
+
+
+def _checkpoint_tokenizer(directory: Path) -> Path:
+    from training.checkpoint_files import CheckpointError
+
+    path = directory / "tokenizer"
+    if not (path / "tokenizer.json").is_file():
+        raise CheckpointError(f"{directory} has no tokenizer/: pass --tokenizer DIR")
+    return path
+
+
+def _device():
+    import torch
+
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def run_here(args, cfg) -> int:
+    """This process is one rank (alone, or started by torchrun/srun); rank 0 reports."""
+    with stdout_to_stderr():
+        report = evaluate_rank(args, cfg)
+    if report.pop("rank") != 0:
+        return 0
+    text = json.dumps(report, sort_keys=True)
+    if args.result_file:
+        Path(args.result_file).write_text(text + "\n")
+    else:
+        print(text, flush=True)
+    return 0
+
+
+# -- the local relaunch ----------------------------------------------------------------------------
+
+def relaunch(args, argv, nproc: int) -> int:
+    """Run this command in nproc local processes under torchrun; print rank 0's result here."""
+    from launch.local import run_forwarding_signals, torchrun_command
+
+    workdir = Path(tempfile.mkdtemp(prefix="bloom-eval-"))
+    logs = Path(tempfile.mkdtemp(prefix="bloom-eval-ranks-"))
+    try:
+        checkpoint = as_checkpoint(args.checkpoint, args.tokenizer, workdir)  # import once, not per rank
+        child = [str(checkpoint)] + [a for a in argv if a != args.checkpoint]
+        child += [RESULT_FLAG, str(workdir / "result.json"), SOURCE_FLAG, args.checkpoint]
+        status = run_forwarding_signals(torchrun_command(nproc, child, entry="launch.eval_cli", log_dir=logs))
+        if status != 0:
+            return fail(f"evaluation failed (exit {status}); every rank's output is under {logs}", status=status)
+        print((workdir / "result.json").read_text().strip(), flush=True)
+        shutil.rmtree(logs, ignore_errors=True)
+        return 0
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    from data.errors import DataError
+    from training.checkpoint_files import CheckpointError
+    from training.config_checks import procs_per_node
+    from training.config_loader import ConfigError, load_config
+    from training.evaluate import EvalLayoutError
+    from training.hf_import import HFFormatError
+    from training.kernels import KernelUnavailable
+
+    try:
+        args, overrides = parse_args(argv)
+        cfg = load_config(overrides)
+        nproc = cfg.launcher.nodes * procs_per_node(cfg)
+        if "WORLD_SIZE" in os.environ or nproc == 1:
+            return run_here(args, cfg)
+        if cfg.launcher.nodes > 1:
+            raise UsageError(f"launcher.nodes={cfg.launcher.nodes}: start multi-node evaluation with "
+                             "srun or torchrun on every node")
+        return relaunch(args, argv, nproc)
+    except (UsageError, ConfigError, CheckpointError, HFFormatError, DataError, EvalLayoutError,
+            KernelUnavailable) as error:
+        return fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

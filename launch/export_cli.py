@@ -1,0 +1,72 @@
+"""bloom-export: a checkpoint (any TP/PP/DP layout) -> a Hugging Face Hub directory.
+
+    bloom-export CHECKPOINT --out DIR [--dtype bf16|fp16|fp32] [--max-shard-size 2GB]
+                 [--push-to-hub REPO [--private]] [--skip-self-check]
+
+CHECKPOINT is a checkpoint directory (iter_XXXXXXXX) or a checkpoints directory with `latest`.
+Checksums are verified first; before DIR appears, the exported model is loaded with
+transformers and its logits compared with the training model's (--skip-self-check only for models
+too large to hold twice in this machine's memory).
+"""
+import argparse
+import sys
+import warnings
+
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
+PROG = "bloom-export"
+
+
+def fail(message: str, status: int = 2) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return status
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--out", required=True, help="the HF directory to create (must not exist or be empty)")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    parser.add_argument("--max-shard-size", default="2GB", help="HF size string (2GB, 500MB) or bytes")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="upload DIR to this Hub repo afterwards")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo private")
+    parser.add_argument("--skip-self-check", action="store_true")
+    return parser.parse_args(argv)
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from data.errors import DataError
+    from training.checkpoint_files import CheckpointError
+    from training.hf_export import ExportError, export_checkpoint, push_to_hub
+    from training.hf_self_check import SelfCheckFailed
+
+    size = int(args.max_shard_size) if args.max_shard_size.isdigit() else args.max_shard_size
+    try:
+        result = export_checkpoint(args.checkpoint, args.out, args.dtype, size,
+                                   run_self_check=not args.skip_self_check)
+    except (ExportError, CheckpointError, DataError, OSError) as error:
+        return fail(_one_line(error))
+    except SelfCheckFailed as error:
+        return fail(_one_line(error), status=1)
+    check = ("self-check skipped" if result.self_check is None
+             else f"self-check: logits max abs diff {result.self_check:.2e}")
+    print(f"exported {result.checkpoint} (iteration {result.iteration}) -> {result.directory} "
+          f"({args.dtype}, {result.shards} shard{'s' if result.shards > 1 else ''}; {check})")
+    if args.push_to_hub:
+        try:
+            url = push_to_hub(result.directory, args.push_to_hub, args.private)
+        except Exception as error:  # the Hub's errors are many (auth, network, naming); report one line
+            return fail(f"push to {args.push_to_hub} failed: {_one_line(error)}", status=1)
+        print(f"pushed to {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
