@@ -45,6 +45,9 @@ setup(
             "bloom-train=launch.train_cli:main",
             "bloom-preprocess=data.preprocess:main",
             "bloom-slurm=launch.slurm:main",
+            "bloom-export=launch.export_cli:main",
+            "bloom-import=launch.import_cli:main",
+            "bloom-eval=launch.eval_cli:main",
         ]
     },
 )
