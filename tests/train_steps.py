@@ -36,25 +36,33 @@ def rank_micro_batches(samples: torch.Tensor, mbs: int, dp: int, dp_rank: int) -
     return micro
 
 
-def run_steps(overrides: list, layout: Layout, steps: int, hook=None) -> list:
-    """Losses (and grad norms, skip flags, loss scales) of `steps` steps; hook(step, engine) runs
-    before each step (fault injection)."""
+def make_engine(overrides: list, layout: Layout):
     cfg = load_config(TINY + list(overrides))
+    return cfg, BloomEngine(cfg, layout, cfg.trainer.global_batch_size, torch.device("cpu"))
+
+
+def train(cfg, engine, layout: Layout, first_step: int, steps: int, hook=None) -> list:
+    """Steps first_step .. first_step+steps-1 (each step's batch and LR depend on its index only)."""
     t = cfg.trainer
-    engine = BloomEngine(cfg, layout, t.global_batch_size, torch.device("cpu"))
-    results, consumed = [], 0
-    for step in range(steps):
+    results = []
+    for step in range(first_step, first_step + steps):
         samples = global_batch(step, t.global_batch_size, cfg.data.seq_length, cfg.model.vocab_size)
         micro = rank_micro_batches(samples, t.micro_batch_size, layout.dp,
                                    parallel_state.get_data_parallel_rank())
-        engine.set_learning_rate(learning_rate(cfg.optim, consumed))
+        engine.set_learning_rate(learning_rate(cfg.optim, step * t.global_batch_size))
         if hook:
             hook(step, engine)
         r = engine.train_step(micro)
         results.append({"loss": r.loss, "grad_norm": r.grad_norm, "skipped": r.skipped,
                         "loss_scale": r.loss_scale})
-        consumed += t.global_batch_size
     return results
+
+
+def run_steps(overrides: list, layout: Layout, steps: int, hook=None) -> list:
+    """Losses (and grad norms, skip flags, loss scales) of `steps` steps from a fresh model;
+    hook(step, engine) runs before each step (fault injection)."""
+    cfg, engine = make_engine(overrides, layout)
+    return train(cfg, engine, layout, 0, steps, hook)
 
 
 def run_and_save(rank: int, overrides: list, layout: Layout, steps: int, out: str) -> None:
