@@ -204,6 +204,7 @@ def main(argv=None) -> int:
         print(__doc__)
         return 0
     from data.errors import DataError
+    from launch.env import distributed_env, export_torch_env
     from training.checkpoint_files import CheckpointError
     from training.config_checks import procs_per_node
     from training.config_loader import ConfigError, load_config
@@ -215,7 +216,11 @@ def main(argv=None) -> int:
         args, overrides = parse_args(argv)
         cfg = load_config(overrides)
         nproc = cfg.launcher.nodes * procs_per_node(cfg)
-        if "WORLD_SIZE" in os.environ or nproc == 1:
+        env = distributed_env()  # torchrun's variables, or srun's translated as bloom-train does
+        if env is not None:
+            export_torch_env(env)
+            return run_here(args, cfg)
+        if nproc == 1:
             return run_here(args, cfg)
         if cfg.launcher.nodes > 1:
             raise UsageError(f"launcher.nodes={cfg.launcher.nodes}: start multi-node evaluation with "

@@ -1,0 +1,294 @@
+"""bloom-import and bloom-export against real transformers and safetensors.
+
+A random HF BloomForCausalLM (random LayerNorms and biases too), saved by HF's own
+save_pretrained, goes through bloom-import and bloom-export: every tensor comes back bit for bit,
+the exported directory loads with four HF heads, its logits equal our training model's (fp32 and
+bf16, checked here independently of the export's own self-check), the self-check catches a wrong
+conversion, and bad inputs are refused in one line. A checkpoint saved by bloom-train at
+TP2 x PP2 exports to a model whose logits equal the training model's.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from launch import export_cli, import_cli
+from tests.bloom_train import TINY_RUN, bloom_train, data_cache  # noqa: F401
+from tests.hf_reference import random_hf_model
+from training.config_schema import ModelConfig
+
+CORPUS = [Path(__file__).parent.parent / "data" / "corpora" / p
+          for p in ("udhr/en.jsonl", "udhr/fr.jsonl", "code/python.jsonl")]
+SHAPE = dict(hidden_size=64, num_layers=2, num_heads=4)
+ROWS = 512  # the HF vocabulary: 400 tokenizer tokens + padding rows, divisible by TP 2
+TOKENIZER_VOCAB = 400
+LOGITS_ATOL = 1e-4
+
+
+# -- shared by tests/test_eval.py ---------------------------------------------------------------
+
+def make_hf_dir(path: Path, seed: int = 5) -> Path:
+    """A random BloomForCausalLM saved by HF (safetensors) with a small BLOOM-style tokenizer."""
+    from data.tokenizer_train import train_tokenizer
+    from training.hf_import import TOKENIZER_FILES
+
+    model = random_hf_model(ModelConfig(**SHAPE, init_std=0.02), ROWS, seed=seed)
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 3
+    model.save_pretrained(str(path), safe_serialization=True)
+    tokenizer = train_tokenizer([str(p) for p in CORPUS], path.parent / f"{path.name}-tokenizer",
+                                vocab_size=TOKENIZER_VOCAB)
+    for name in TOKENIZER_FILES:
+        shutil.copy(tokenizer / name, path / name)
+    return path
+
+
+def run_cli(main, args, capsys):
+    """(exit status, stdout, stderr lines) of a CLI main called in this process."""
+    status = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return status, out, [line for line in err.splitlines() if line.strip()]
+
+
+def hf_tensors(directory: Path) -> dict:
+    """Every tensor of an HF directory, through its index when sharded."""
+    index = directory / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    tensors = {}
+    for name in files:
+        tensors.update(load_file(str(directory / name)))
+    return tensors
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return make_hf_dir(tmp_path_factory.mktemp("hf") / "tiny-bloom")
+
+
+@pytest.fixture(scope="module")
+def imported(hf_dir, tmp_path_factory):
+    from training.hf_import import import_hf
+
+    return import_hf(hf_dir, tmp_path_factory.mktemp("imported") / "checkpoints")
+
+
+@pytest.fixture(scope="module")
+def exported(imported, tmp_path_factory):
+    """fp32 and bf16 exports of the imported checkpoint (through its checkpoints dir's `latest`)."""
+    from training.hf_export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("exported")
+    return {dtype: export_checkpoint(imported.parent, root / dtype, dtype, max_shard_size="200KB")
+            for dtype in ("fp32", "bf16")}
+
+
+# -- round trip ---------------------------------------------------------------------------------
+
+def test_import_writes_a_checkpoint_bloom_train_can_resume(imported, hf_dir):
+    from omegaconf import OmegaConf
+
+    from training.checkpoint_files import resolve_latest, verify
+
+    manifest = verify(imported)  # every checksum
+    assert resolve_latest(imported.parent) == imported
+    assert manifest["saved_layout"] == {"tp": 1, "pp": 1, "dp": 1} and manifest["iteration"] == 0
+    assert manifest["model"] == {"hidden_size": 64, "num_layers": 2, "num_heads": 4,
+                                 "vocab_size": TOKENIZER_VOCAB, "padded_vocab_size": ROWS,
+                                 "ffn_hidden_size": 256, "layer_norm_epsilon": 1e-5}
+    assert sorted(manifest["files"]) == ["config.yaml", "model/tp00-pp00.safetensors",
+                                         "tokenizer/special_tokens_map.json", "tokenizer/tokenizer.json",
+                                         "tokenizer/tokenizer_config.json", "trainer_state.json"]
+    assert json.loads((imported / "trainer_state.json").read_text()) == {
+        "iteration": 0, "consumed_samples": 0, "consumed_tokens": 0}
+    config = OmegaConf.load(imported / "config.yaml")
+    assert (config.model.hidden_size, config.model.num_layers, config.model.num_heads,
+            config.model.vocab_size, config.model.padded_vocab_size) == (64, 2, 4, TOKENIZER_VOCAB, ROWS)
+    assert Path(config.data.tokenizer.path) == imported.resolve() / "tokenizer"
+    assert not list(imported.parent.glob(".*partial"))
+
+
+def test_import_then_export_returns_every_tensor_and_the_config(hf_dir, exported):
+    original = load_file(str(hf_dir / "model.safetensors"))
+    original.pop("lm_head.weight", None)  # tied: HF itself does not store it
+    out = exported["fp32"].directory
+    assert exported["fp32"].shards > 1  # 200KB shards: the index path is exercised
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(original)
+    back = hf_tensors(out)
+    assert set(back) == set(original)
+    for name, tensor in original.items():
+        assert back[name].dtype == torch.float32 and torch.equal(back[name], tensor), name
+    theirs, ours = (json.loads((d / "config.json").read_text()) for d in (hf_dir, out))
+    for key in ("hidden_size", "n_layer", "n_head", "vocab_size", "layer_norm_epsilon", "model_type",
+                "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+        assert ours[key] == theirs[key], key
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (out / name).read_bytes() == (hf_dir / name).read_bytes()
+    bf16 = hf_tensors(exported["bf16"].directory)
+    assert all(t.dtype == torch.bfloat16 and torch.equal(t, original[n].to(torch.bfloat16)) for n, t in bf16.items())
+    card = (out / "README.md").read_text()
+    assert "| iterations | 0 |" in card and "max abs diff" in card and "tiny-bloom" in card
+
+
+def test_exported_directory_loads_with_other_heads(hf_dir, exported):
+    from transformers import (AutoTokenizer, BloomForQuestionAnswering, BloomForSequenceClassification,
+                              BloomForTokenClassification)
+
+    out = exported["fp32"].directory
+    embedding = load_file(str(hf_dir / "model.safetensors"))["transformer.word_embeddings.weight"]
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    ids = tokenizer(["Everyone has the right to life."], return_tensors="pt").input_ids
+    assert tokenizer.eos_token_id == 2 and ids.max() < TOKENIZER_VOCAB
+    for cls, field in ((BloomForSequenceClassification, "logits"), (BloomForTokenClassification, "logits"),
+                       (BloomForQuestionAnswering, "start_logits")):
+        model = cls.from_pretrained(str(out), num_labels=3).eval()
+        assert torch.equal(model.transformer.word_embeddings.weight, embedding), cls.__name__
+        with torch.no_grad():
+            assert torch.isfinite(getattr(model(ids), field)).all()
+
+
+# -- logits against the training model -----------------------------------------------------------
+
+def test_exported_logits_equal_the_training_model(single_process, hf_dir, exported):
+    """Independent of the export's self-check: our BloomModel gets the ORIGINAL HF weights
+    through hf_convert.shard_from_hf (not through our checkpoint files), HF loads the export."""
+    from transformers import BloomForCausalLM
+
+    from training.hf_convert import shard_from_hf
+    from training.model import build_model, gather_logits
+
+    original = load_file(str(hf_dir / "model.safetensors"))
+    cfg = ModelConfig(**SHAPE, vocab_size=TOKENIZER_VOCAB, padded_vocab_size=ROWS, hidden_dropout=0.0,
+                      attention_dropout=0.0, kernels="eager")
+    tokens = torch.randint(0, TOKENIZER_VOCAB, (3, 20), generator=torch.Generator().manual_seed(9))
+    for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        ours = build_model(cfg, seed=0).eval()
+        rounded = {k: v.to(torch_dtype).float() for k, v in original.items()}
+        ours.load_state_dict(shard_from_hf(rounded, SHAPE["num_layers"], 0, 1, ROWS))
+        hf = BloomForCausalLM.from_pretrained(str(exported[dtype].directory), dtype=torch.float32).eval()
+        with torch.no_grad():
+            diff = (gather_logits(ours(tokens)) - hf(tokens).logits).abs().max().item()
+        assert diff < LOGITS_ATOL, (dtype, diff)
+        assert exported[dtype].self_check is not None and exported[dtype].self_check < LOGITS_ATOL
+
+
+def test_self_check_catches_a_wrong_conversion(single_process, imported, exported):
+    """The classic QKV bug (reading BLOOM's per-head interleaved [heads, 3, head_dim] rows as
+    Megatron-LM's [3, heads, head_dim]) in block 0: the export's self-check must refuse it."""
+    from training.hf_self_check import SelfCheckFailed, self_check
+    from training.saved_model import open_checkpoint, read_model_tensors
+
+    _, _, shape = open_checkpoint(imported)
+    tensors = read_model_tensors(imported, shape)
+    heads, hidden = SHAPE["num_heads"], SHAPE["hidden_size"]
+    for suffix in ("weight", "bias"):
+        name = f"h.0.self_attention.query_key_value.{suffix}"
+        rows = tensors[name].view(heads, 3, hidden // heads, -1)
+        tensors[name] = rows.transpose(0, 1).reshape(tensors[name].shape).contiguous()
+    with pytest.raises(SelfCheckFailed, match="conversion is wrong"):
+        self_check(exported["fp32"].directory, tensors, shape, torch.float32)
+
+
+# -- refusals ---------------------------------------------------------------------------------------
+
+def test_pickle_only_directory_is_refused(tmp_path, capsys):
+    hf = tmp_path / "pickled"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "bloom", "hidden_size": 8, "n_layer": 1,
+                                                "n_head": 2, "vocab_size": 16}))
+    torch.save({"transformer.ln_f.weight": torch.ones(8)}, hf / "pytorch_model.bin")
+    status, _, err = run_cli(import_cli.main, [hf, "--out", tmp_path / "ckpts"], capsys)
+    assert status == 2 and len(err) == 1, err
+    assert err[0].startswith("bloom-import: error:") and "pytorch_model.bin" in err[0] and "safetensors" in err[0]
+    assert not (tmp_path / "ckpts").exists()
+
+
+def _edited_copy(hf_dir: Path, target: Path, **config_changes) -> Path:
+    shutil.copytree(hf_dir, target)
+    config = json.loads((target / "config.json").read_text())
+    config.update(config_changes)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_missing_files_and_shape_mismatch_are_refused(hf_dir, tmp_path, capsys):
+    cases = {
+        "more layers than tensors": (_edited_copy(hf_dir, tmp_path / "deeper", n_layer=3), "transformer.h.2."),
+        "hidden size": (_edited_copy(hf_dir, tmp_path / "wider", hidden_size=32), "implies"),
+        "vocabulary": (_edited_copy(hf_dir, tmp_path / "vocab", vocab_size=640), "vocab_size 640"),
+    }
+    no_weights = _edited_copy(hf_dir, tmp_path / "no-weights")
+    (no_weights / "model.safetensors").unlink()
+    cases["no weights"] = (no_weights, "no *.safetensors")
+    no_config = _edited_copy(hf_dir, tmp_path / "no-config")
+    (no_config / "config.json").unlink()
+    cases["no config"] = (no_config, "no config.json")
+    for case, (directory, expected) in cases.items():
+        status, _, err = run_cli(import_cli.main, [directory, "--out", tmp_path / f"out-{directory.name}"], capsys)
+        assert status == 2 and len(err) == 1 and expected in err[0], (case, err)
+
+
+def test_corrupted_checkpoint_file_is_refused_by_export(imported, tmp_path, capsys):
+    copy = tmp_path / "checkpoints" / imported.name
+    shutil.copytree(imported, copy)
+    shard = copy / "model" / "tp00-pp00.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the tensor data: the file still parses
+    shard.write_bytes(bytes(data))
+    status, _, err = run_cli(export_cli.main, [copy, "--out", tmp_path / "out", "--dtype", "fp32"], capsys)
+    assert status == 2 and len(err) == 1, err
+    assert err[0].startswith("bloom-export: error:") and "model/tp00-pp00.safetensors" in err[0]
+    assert "checksum" in err[0]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_export_refuses_an_existing_output_and_a_missing_checkpoint(imported, exported, tmp_path, capsys):
+    status, _, err = run_cli(export_cli.main, [imported, "--out", exported["fp32"].directory], capsys)
+    assert status == 2 and len(err) == 1 and "not empty" in err[0], err
+    status, _, err = run_cli(export_cli.main, [tmp_path / "nowhere", "--out", tmp_path / "o"], capsys)
+    assert status == 2 and len(err) == 1 and "no such file" in err[0], err
+
+
+# -- a checkpoint the trainer saved at TP2 x PP2 ----------------------------------------------------
+
+def test_export_from_tp2_pp2_training_matches_the_training_model(tmp_path, data_cache, capsys, monkeypatch):
+    """bloom-train at TP2 x PP2 saves its checkpoint as four TP x PP shards (the embedding on both
+    end stages); the export merges them. HF's logits on the export equal our model's on the
+    checkpoint's merged weights, and the model card carries the run's facts."""
+    from transformers import BloomForCausalLM
+
+    from training.checkpoint_files import resolve_latest
+    from training.hf_self_check import training_model_logits
+    from training.saved_model import open_checkpoint, read_model_tensors
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)  # left by in-process groups of earlier tests
+    run = tmp_path / "run"
+    result = bloom_train(TINY_RUN + [f"trainer.run_dir={run}", f"data.cache_dir={data_cache}",
+                                     "launcher.nproc_per_node=4", "parallel.tp=2", "parallel.pp=2",
+                                     "trainer.train_iters=2", "trainer.save_interval=2"])
+    latest = resolve_latest(run / "checkpoints")
+    if result.returncode != 0 or latest is None:
+        pytest.skip("bloom-train at TP2 x PP2 did not produce a checkpoint: "
+                    + (result.stderr.strip().splitlines() or ["no output"])[-1])
+    directory, manifest, shape = open_checkpoint(run / "checkpoints")
+    assert manifest["saved_layout"] == {"tp": 2, "pp": 2, "dp": 1}
+    assert len([f for f in manifest["files"] if f.startswith("model/")]) == 4
+
+    status, out, err = run_cli(export_cli.main, [run / "checkpoints", "--out", tmp_path / "hf", "--dtype", "fp32"], capsys)
+    assert status == 0, err
+    assert "self-check: logits max abs diff" in out
+    tokens = torch.randint(0, shape["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(3))
+    ours = training_model_logits(read_model_tensors(directory, shape), shape, tokens)
+    hf = BloomForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (ours - hf(tokens).logits).abs().max().item() < LOGITS_ATOL
+    assert hf.config.vocab_size == shape["padded_vocab_size"]  # every padded row kept
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "| iterations | 2 |" in card and "| parallel layout (TP x PP x DP) | 2 x 2 x 1 |" in card
+    assert "| lm_loss | 2 |" in card and "- en" in card  # metrics.jsonl and the data blend were found
