@@ -33,9 +33,9 @@ def init_process_group(backend: str = None, timeout_minutes: float = 10.0) -> No
     if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         dist.init_process_group(backend, timeout=timeout)
     else:
-        # What a launcher would have set; DeepSpeed reads LOCAL_RANK itself.
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-            os.environ.setdefault(key, value)
+        # DeepSpeed insists on reading LOCAL_RANK itself. RANK and WORLD_SIZE stay unset: they
+        # would tell a later bloom-train in this process that a launcher started it.
+        os.environ.setdefault("LOCAL_RANK", "0")
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
