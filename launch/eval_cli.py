@@ -99,19 +99,18 @@ def evaluate_rank(args, cfg) -> dict:
     from data.tokenizer import TokenizerInfo
     from parallelism.topology import Layout, init_model_parallel, init_process_group, shutdown
     from training.eval_data import OVERALL, build_eval_sets, read_documents
-    from training.evaluate import EvalLayoutError, build_stage, check_layout, evaluate_sets
+    from training.evaluate import build_stage, evaluate_sets
     from training.saved_model import model_config, open_checkpoint, saved_config
 
     init_process_group()
     workdir = Path(tempfile.mkdtemp(prefix=f"bloom-eval-rank{dist.get_rank()}-"))
     try:
         tp, pp, world = cfg.parallel.tp, cfg.parallel.pp, dist.get_world_size()
-        if tp < 1 or pp < 1 or world % (tp * pp):
-            raise EvalLayoutError(f"world size {world} is not a multiple of parallel.tp x parallel.pp = {tp} x {pp}")
+        checkpoint = as_checkpoint(args.checkpoint, args.tokenizer, workdir)
+        check_request(checkpoint, cfg, world)
         layout = Layout(tp, pp, world // (tp * pp))
-        directory, manifest, shape = open_checkpoint(as_checkpoint(args.checkpoint, args.tokenizer, workdir))
+        directory, manifest, shape = open_checkpoint(checkpoint)
         model_cfg = model_config(shape, kernels=cfg.model.kernels)
-        check_layout(model_cfg, tp, pp)
         verify_model_files(directory, manifest)
         init_model_parallel(layout)
         tokenizer = TokenizerInfo(args.tokenizer or _checkpoint_tokenizer(directory))
@@ -162,9 +161,24 @@ def _device():
     return torch.device("cpu")
 
 
+@contextlib.contextmanager
+def launcher_env_restored():
+    """A lone process's group sets RANK/WORLD_SIZE (topology.init_process_group); put them back
+    afterwards, or a later command in this process would think a launcher started it."""
+    saved = {key: os.environ.get(key) for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run_here(args, cfg) -> int:
     """This process is one rank (alone, or started by torchrun/srun); rank 0 reports."""
-    with stdout_to_stderr():
+    with stdout_to_stderr(), launcher_env_restored():
         report = evaluate_rank(args, cfg)
     if report.pop("rank") != 0:
         return 0
@@ -178,7 +192,19 @@ def run_here(args, cfg) -> int:
 
 # -- the local relaunch ----------------------------------------------------------------------------
 
-def relaunch(args, argv, nproc: int) -> int:
+def check_request(checkpoint: Path, cfg, world: int) -> None:
+    """The layout fits the world size and the saved model (one-line errors, no process group)."""
+    from training.evaluate import EvalLayoutError, check_layout
+    from training.saved_model import model_config, open_checkpoint
+
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    if tp < 1 or pp < 1 or world % (tp * pp):
+        raise EvalLayoutError(f"world size {world} is not a multiple of parallel.tp x parallel.pp = {tp} x {pp}")
+    _, _, shape = open_checkpoint(checkpoint)
+    check_layout(model_config(shape, kernels=cfg.model.kernels), tp, pp)
+
+
+def relaunch(args, cfg, argv, nproc: int) -> int:
     """Run this command in nproc local processes under torchrun; print rank 0's result here."""
     from launch.local import run_forwarding_signals, torchrun_command
 
@@ -186,6 +212,7 @@ def relaunch(args, argv, nproc: int) -> int:
     logs = Path(tempfile.mkdtemp(prefix="bloom-eval-ranks-"))
     try:
         checkpoint = as_checkpoint(args.checkpoint, args.tokenizer, workdir)  # import once, not per rank
+        check_request(checkpoint, cfg, nproc)  # refuse a bad layout before starting processes
         child = [str(checkpoint)] + [a for a in argv if a != args.checkpoint]
         child += [RESULT_FLAG, str(workdir / "result.json"), SOURCE_FLAG, args.checkpoint]
         status = run_forwarding_signals(torchrun_command(nproc, child, entry="launch.eval_cli", log_dir=logs))
@@ -225,7 +252,7 @@ def main(argv=None) -> int:
         if cfg.launcher.nodes > 1:
             raise UsageError(f"launcher.nodes={cfg.launcher.nodes}: start multi-node evaluation with "
                              "srun or torchrun on every node")
-        return relaunch(args, argv, nproc)
+        return relaunch(args, cfg, argv, nproc)
     except (UsageError, ConfigError, CheckpointError, HFFormatError, DataError, EvalLayoutError,
             KernelUnavailable) as error:
         return fail(str(error).splitlines()[0] if str(error) else type(error).__name__)

@@ -6,6 +6,7 @@ Both then hold identical fp32 weights, so any logits difference beyond fp32 roun
 conversion bug (a transposed QKV, a lost LayerNorm, a wrong vocabulary), not precision.
 """
 import contextlib
+import os
 from pathlib import Path
 from typing import Dict
 
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 SELF_CHECK_ATOL = 1e-4  # fp32 logits, the issue's bound
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
 class SelfCheckFailed(RuntimeError):
@@ -40,12 +42,20 @@ def single_process_model_parallel():
             if built:
                 parallel_state.destroy_model_parallel()
         return
+    saved = {key: os.environ.get(key) for key in LAUNCHER_VARS}
     init_process_group("gloo")
     init_model_parallel(Layout(1, 1, 1))
     try:
         yield
     finally:
         shutdown()
+        # init_process_group sets RANK/WORLD_SIZE for a lone process; left behind, they would make
+        # a later command in this process believe a launcher started it.
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def probe_tokens(vocab_size: int, batch: int = 2, seq: int = 16) -> torch.Tensor:
