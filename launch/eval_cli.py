@@ -161,23 +161,10 @@ def _device():
     return torch.device("cpu")
 
 
-@contextlib.contextmanager
-def launcher_env_restored():
-    """A lone process's group sets RANK/WORLD_SIZE (topology.init_process_group); put them back
-    afterwards, or a later command in this process would think a launcher started it."""
-    saved = {key: os.environ.get(key) for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def run_here(args, cfg) -> int:
     """This process is one rank (alone, or started by torchrun/srun); rank 0 reports."""
+    from training.hf_self_check import launcher_env_restored
+
     with stdout_to_stderr(), launcher_env_restored():
         report = evaluate_rank(args, cfg)
     if report.pop("rank") != 0:

@@ -104,7 +104,8 @@ def _clean_env() -> dict:
             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 
 
-@pytest.mark.parametrize("layout", ["parallel.tp=2 parallel.pp=2", "parallel.tp=1 parallel.pp=2"],
+# The first runs the default kernels (auto: torch's SDPA on CPU), the second the eager reference.
+@pytest.mark.parametrize("layout", ["parallel.tp=2 parallel.pp=2", "parallel.tp=1 parallel.pp=2 model.kernels=eager"],
                          ids=["tp2xpp2", "pp2xdp2"])
 def test_four_processes_equal_hf(setup, layout):
     hf_dir, jsonl, reference = setup
@@ -115,7 +116,7 @@ def test_four_processes_equal_hf(setup, layout):
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1, result.stdout
     report = json.loads(lines[0])
-    tp, pp = (int(part.split("=")[1]) for part in layout.split())
+    tp, pp = (int(part.split("=")[1]) for part in layout.split()[:2])
     assert report["layout"] == {"tp": tp, "pp": pp, "dp": 4 // (tp * pp)}
     check_against_hf(report, reference)
 

@@ -42,15 +42,23 @@ def single_process_model_parallel():
             if built:
                 parallel_state.destroy_model_parallel()
         return
+    with launcher_env_restored():
+        init_process_group("gloo")
+        init_model_parallel(Layout(1, 1, 1))
+        try:
+            yield
+        finally:
+            shutdown()
+
+
+@contextlib.contextmanager
+def launcher_env_restored():
+    """topology.init_process_group sets RANK/LOCAL_RANK/WORLD_SIZE for a lone process; left
+    behind, they would make a later command in this process believe a launcher started it."""
     saved = {key: os.environ.get(key) for key in LAUNCHER_VARS}
-    init_process_group("gloo")
-    init_model_parallel(Layout(1, 1, 1))
     try:
         yield
     finally:
-        shutdown()
-        # init_process_group sets RANK/WORLD_SIZE for a lone process; left behind, they would make
-        # a later command in this process believe a launcher started it.
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
