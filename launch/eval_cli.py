@@ -194,12 +194,14 @@ def check_request(checkpoint: Path, cfg, world: int) -> None:
 def relaunch(args, cfg, argv, nproc: int) -> int:
     """Run this command in nproc local processes under torchrun; print rank 0's result here."""
     from launch.local import run_forwarding_signals, torchrun_command
+    from training.eval_data import read_documents
 
     workdir = Path(tempfile.mkdtemp(prefix="bloom-eval-"))
     logs = Path(tempfile.mkdtemp(prefix="bloom-eval-ranks-"))
     try:
         checkpoint = as_checkpoint(args.checkpoint, args.tokenizer, workdir)  # import once, not per rank
         check_request(checkpoint, cfg, nproc)  # refuse a bad layout before starting processes
+        read_documents(args.data)  # and a bad corpus line, in one line rather than once per rank
         child = [str(checkpoint)] + [a for a in argv if a != args.checkpoint]
         child += [RESULT_FLAG, str(workdir / "result.json"), SOURCE_FLAG, args.checkpoint]
         status = run_forwarding_signals(torchrun_command(nproc, child, entry="launch.eval_cli", log_dir=logs))

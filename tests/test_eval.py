@@ -127,6 +127,7 @@ def test_bad_input_is_refused_in_one_line(setup, tmp_path, capsys):
     bad.write_text('{"text": "fine", "lang": "en"}\nnot json\n')
     cases = [
         ([hf_dir, "--data", bad], "bad.jsonl:2: line is not a JSON object"),
+        ([hf_dir, "--data", bad, "parallel.tp=2", "launcher.nproc_per_node=2"], "bad.jsonl:2:"),  # before relaunching
         ([hf_dir, "--data", jsonl, "parallel.tp=3", "launcher.nproc_per_node=3"], "parallel.tp=3 does not divide"),
         ([hf_dir, "--data", jsonl, "model.hidden_size=8"], "only parallel.*"),
         ([tmp_path / "nothing", "--data", jsonl], "no such file"),
