@@ -1,6 +1,6 @@
 """Reshaping: a checkpoint saved at TP2 x PP2 x DP2 (8 processes, ZeRO-1) continues at TP1 x PP1 x
 DP2 and at TP2 x PP1 x DP1 with the losses of the unreshaped continuation, and one saved at
-TP1 x PP1 x DP2 continues at TP2 x PP2 x DP2 likewise: weights and Adam moments are regathered
+TP1 x PP1 x DP2 or at TP2 x PP1 x DP1 continues at TP2 x PP2 x DP2 likewise: weights and Adam moments are regathered
 and resharded. Tolerance: relative 1e-4 per step (float reordering across layouts, as in
 test_layout_parity.py; we see ~1e-7)."""
 import json
@@ -61,6 +61,11 @@ def saved_dp2(tmp_path_factory):
     return _saved(tmp_path_factory, Layout(1, 1, 2))
 
 
+@pytest.fixture(scope="module")
+def saved_tp2(tmp_path_factory):
+    return _saved(tmp_path_factory, Layout(2, 1, 1))
+
+
 def _check(tmp_path, saved, layout: Layout):
     checkpoint, expected = saved
     out = tmp_path / "reshaped.json"
@@ -75,5 +80,6 @@ def test_3d_checkpoint_continues_at(tmp_path, saved_3d, layout):
     _check(tmp_path, saved_3d, layout)
 
 
-def test_dp2_checkpoint_continues_at_3d(tmp_path, saved_dp2):
-    _check(tmp_path, saved_dp2, Layout(2, 2, 2))
+@pytest.mark.parametrize("saved", ["saved_dp2", "saved_tp2"], ids=["from-tp1-pp1-dp2", "from-tp2-pp1-dp1"])
+def test_checkpoint_continues_at_3d(tmp_path, request, saved):
+    _check(tmp_path, request.getfixturevalue(saved), Layout(2, 2, 2))
