@@ -101,9 +101,6 @@ def test_bloom_slurm_submit_runs_a_two_process_dry_run(slurm_cluster, tmp_path):
     state = wait_for(job_id)
     out = (run_dir / "logs" / f"bloom-tiny-{job_id}.out").read_text()
     err = (run_dir / "logs" / f"bloom-tiny-{job_id}.err").read_text()
-    if state != "COMPLETED exit 0:0" and "world size 2 != tp 1 x pp 1 x dp 1" in err:
-        pytest.xfail("bloom-train's dry run builds a 1-process layout inside a 2-process group "
-                     "(launch/train_cli.py dry_run); the SLURM launch itself worked")
     assert state == "COMPLETED exit 0:0", f"job {job_id}: {state}\n{out[-2000:]}\n{err[-3000:]}"
     assert f"bloom-slurm: job {job_id}, 1 node(s) x 2 process(es), rendezvous at " in out
     assert out.split("rendezvous at ")[1].split()[0].endswith(f":{port}")

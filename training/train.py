@@ -222,7 +222,7 @@ class Trainer:
                           f"{metrics['tp_replica_drift']:.3g} across TP ranks; re-synced from TP rank 0")
         self.metrics.log(s.iteration, metrics)
         if self.rank0 and (s.iteration % cfg.logging.log_interval == 0 or s.iteration == 1):
-            print(self.metrics.format_line(s.iteration, metrics), flush=True)
+            print(self.metrics.format_line(s.iteration, metrics, cfg.trainer.train_iters), flush=True)
 
     # -- evaluation -------------------------------------------------------------------------
 
