@@ -3,6 +3,7 @@ its loss ends well below where it started; and every way of stopping early (kill
 SIGUSR1) saves a checkpoint at the current iteration and exits cleanly."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,11 +45,13 @@ def test_signal_saves_and_exits(tmp_path, data_cache, signum):
     command = [sys.executable, "-m", "launch.train_cli", *TINY_RUN, f"trainer.run_dir={tmp_path}",
                f"data.cache_dir={data_cache}", "trainer.train_iters=100000"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = []
+    output, sent = [], False
     for line in proc.stdout:
         output.append(line)
-        if line.startswith("iter 2 "):
+        logged = re.match(r"iter (\d+)\b", line)  # "iter 2/100000 | lm_loss ..."
+        if logged and int(logged.group(1)) >= 2 and not sent:
             proc.send_signal(signum)
+            sent = True
     assert proc.wait(timeout=120) == 0, "".join(output)[-3000:]
     text = "".join(output)
     assert "signal received" in text

@@ -78,23 +78,32 @@ class Checkpointer:
     # -- optimizer state access, whatever DeepSpeed wrapped around our AdamW ------------------
 
     def _zero(self) -> bool:
-        return hasattr(self.params[0][1], "_hp_mapping")
+        """ZeRO's optimizer holds the fp32 masters and Adam state (stages 1-2 link each parameter
+        to them with `_hp_mapping`, stage 3 with `ds_id`); DeepSpeed's safe_* helpers read both."""
+        first = self.params[0][1]
+        return hasattr(first, "_hp_mapping") or self._zero3()
+
+    def _zero3(self) -> bool:
+        return hasattr(self.params[0][1], "ds_id")
 
     def _ensure_adam_state(self) -> None:
         """Adam creates its moments at the first step; a checkpoint loaded before any step needs
         them now, zero, with step 0 (what the first step would have found)."""
-        base = self.engine.optimizer
-        targets = (self.engine.engine.optimizer.single_partition_of_fp32_groups if self._zero()
-                   else [p for _, p in self.params])
+        base, zero = self.engine.optimizer, self.engine.engine.optimizer
+        if self._zero3():
+            targets = zero.fp32_partitioned_groups_flat
+        elif self._zero():
+            targets = zero.single_partition_of_fp32_groups
+        else:
+            targets = [p for _, p in self.params]
         for tensor in targets:
             if not base.state.get(tensor):
                 base.state[tensor] = {"step": torch.tensor(0.0),
                                       "exp_avg": torch.zeros_like(tensor, memory_format=torch.preserve_format),
                                       "exp_avg_sq": torch.zeros_like(tensor, memory_format=torch.preserve_format)}
-        if self._zero():
+        if self._zero() and not self._zero3():
             # DeepSpeed links each parameter to its Adam state once, after the first step of the
             # first group, so later groups stay unlinked; link again now that every state exists.
-            zero = self.engine.engine.optimizer
             zero._hp_optimizer_states_linked = False
             zero._lazy_init_hp_params_optimizer_state()
 
@@ -112,8 +121,9 @@ class Checkpointer:
         if self._zero():
             if key is None:
                 safe_set_full_fp32_param(param, value)
-                with torch.no_grad():
-                    param.copy_(value.to(param.dtype))
+                if not self._zero3():  # stage 3's partitions are refreshed all at once, after
+                    with torch.no_grad():
+                        param.copy_(value.to(param.dtype))
             else:
                 safe_set_full_optimizer_state(param, value, key)
         elif key is None:
@@ -258,6 +268,8 @@ class Checkpointer:
         self._ensure_adam_state()
         for name, param in self.params:
             self._set(param, None, self._shard(weights[name], name, padded))
+        if self._zero3():
+            self._refresh_zero3_weights()
         if has_optim:
             for key in ADAM_STATES:
                 moments = files.read_full_tensors(directory, "optim", names, suffix=f"/{key}")
@@ -272,6 +284,16 @@ class Checkpointer:
         state = json.loads((Path(directory) / "trainer_state.json").read_text())
         state["same_layout"] = same_layout
         return state
+
+    def _refresh_zero3_weights(self) -> None:
+        """Stage 3 keeps each rank's slice of the 16-bit weights apart from the fp32 masters: copy
+        the loaded masters into those slices, then regather the parameters it keeps whole
+        ("persistent"), as DeepSpeed does after each optimizer step."""
+        zero = self.engine.engine.optimizer
+        for group in range(len(zero.fp16_groups)):
+            zero._reassign_or_swap_out_partitioned_parameters(group)
+        if zero.persistent_parameters:
+            zero.persistent_parameters[0].all_gather(zero.persistent_parameters)
 
     def _shard(self, full: torch.Tensor, name: str, padded_vocab: int) -> torch.Tensor:
         return shard_tensor(full, files.split_of(name), self.tp_rank, self.layout.tp, padded_vocab).contiguous()
