@@ -22,8 +22,9 @@ def replicated_parameters(module: nn.Module) -> list:
 
 
 def _has_masters(params: list) -> bool:
-    """DeepSpeed's ZeRO optimizer links each parameter to its fp32 master partition."""
-    return bool(params) and hasattr(params[0], "_hp_mapping")
+    """DeepSpeed's ZeRO optimizer links each parameter to its fp32 master partition (stages 1-2:
+    `_hp_mapping`; stage 3: `ds_id`, and it keeps small parameters such as these whole)."""
+    return bool(params) and (hasattr(params[0], "_hp_mapping") or hasattr(params[0], "ds_id"))
 
 
 @torch.no_grad()

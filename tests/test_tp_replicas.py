@@ -1,8 +1,9 @@
 """Replicated parameters stay identical across TP ranks through training (TP2, 5 steps, exact), and
-a drift forced onto one rank is measured and repaired from TP rank 0, also under bf16 ZeRO-1, where
-the repair must reach the fp32 masters or the next step would bring the drift back."""
+a drift forced onto one rank is measured and repaired from TP rank 0, also under bf16 ZeRO-1 and
+ZeRO-3, where the repair must reach the fp32 masters or the next step would bring the drift back."""
 import json
 
+import pytest
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -50,10 +51,10 @@ def test_replicas_identical_and_repaired(tmp_path):
     assert got["replicated"] == 2 + 4 * 6 + 2
 
 
-def _zero_worker(rank, out):
+def _zero_worker(rank, stage, out):
     layout = Layout(2, 1, 1)
-    cfg, engine = make_engine(["parallel.tp=2", "parallel.zero_stage=1", "trainer.precision=bf16"],
-                              layout)
+    cfg, engine = make_engine(["parallel.tp=2", f"parallel.zero_stage={stage}",
+                               "trainer.precision=bf16"], layout)
     train(cfg, engine, layout, 0, 1)
     norm = replicated_parameters(engine.module)[0]
     master = safe_get_full_fp32_param(norm)
@@ -72,9 +73,10 @@ def _zero_worker(rank, out):
                        "dtype": str(norm.dtype)}, f)
 
 
-def test_zero_masters_are_repaired_too(tmp_path):
+@pytest.mark.parametrize("stage", [1, 3], ids=["zero1", "zero3"])
+def test_zero_masters_are_repaired_too(tmp_path, stage):
     out = tmp_path / "zero.json"
-    run_processes(_zero_worker, Layout(2, 1, 1), str(out))
+    run_processes(_zero_worker, Layout(2, 1, 1), stage, str(out))
     got = json.loads(out.read_text())
     assert got["dtype"] == "torch.bfloat16"
     assert abs(got["forced"] - 0.5) < 1e-6
