@@ -291,3 +291,37 @@ def test_export_from_tp2_pp2_training_matches_the_training_model(tmp_path, data_
     card = (tmp_path / "hf" / "README.md").read_text()
     assert "| iterations | 2 |" in card and "| parallel layout (TP x PP x DP) | 2 x 2 x 1 |" in card
     assert "| lm_loss | 2 |" in card and "- en" in card  # metrics.jsonl and the data blend were found
+
+
+def test_bloom_train_continues_an_import_at_tp2_pp2(hf_dir, imported, tmp_path, monkeypatch):
+    """An imported HF model continued by bloom-train at TP2 x PP2 (4 processes): it resumes from
+    the import, trains, and saves. Its first step runs at lr 0 (the warmup's first step, as in
+    Megatron), so the weights it saves, exported back, must be the HF weights bit for bit: the
+    import's layout-free checkpoint went through TP/PP sharding, the engine, Adam and the save."""
+    from training.hf_export import export_checkpoint
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)  # left by in-process groups of earlier tests
+    run = tmp_path / "run"
+    result = bloom_train([
+        "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
+        f"model.vocab_size={TOKENIZER_VOCAB}", "data.seq_length=32", "trainer.micro_batch_size=2",
+        "trainer.global_batch_size=4", "logging.log_interval=1", "logging.tensorboard=false",
+        "optim.warmup_samples=8", "trainer.train_iters=1",
+        "data.corpus=[data/corpora/udhr/en.jsonl,data/corpora/udhr/fr.jsonl]",
+        f"data.tokenizer.path={imported / 'tokenizer'}", f"data.cache_dir={tmp_path / 'data'}",
+        f"trainer.resume={imported}", f"trainer.run_dir={run}",
+        "launcher.nproc_per_node=4", "parallel.tp=2", "parallel.pp=2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {imported} at iteration 0" in result.stdout
+    assert "new layout: weights and optimizer state reshaped" in result.stdout
+    step = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][0]
+    assert step["step"] == 1 and step["lr"] == 0.0 and 0 < step["lm_loss"] < 10
+
+    out = export_checkpoint(run / "checkpoints", tmp_path / "hf", "fp32").directory
+    original = load_file(str(hf_dir / "model.safetensors"))
+    original.pop("lm_head.weight", None)
+    back = hf_tensors(out)
+    assert set(back) == set(original)
+    for name, tensor in original.items():
+        assert torch.equal(back[name], tensor), name
