@@ -110,6 +110,7 @@ def render_script(cfg: RootConfig, overrides: Sequence[str], *, workdir: str, py
         "PORT": str(port),
         "PYTHON": shlex.quote(python),
         "RANK_LOGS": shlex.quote(str(run_dir / "logs")),
+        "RUN_DIR": shlex.quote(str(run_dir)),
         "NPROC": str(procs_per_node(cfg)),
         "SHUTDOWN": str(SHUTDOWN_SECONDS),
         "OVERRIDES": quoted.replace("\n", " "),

@@ -15,8 +15,10 @@ TEMPLATE = r'''#!/bin/bash
 #
 # Before the time limit SLURM sends SIGUSR1 (--signal) to the step's processes; torchrun passes it
 # on to the workers (--signals-to-handle) and gives them --shutdown-timeout seconds to save a
-# checkpoint and exit before it kills them. --requeue lets SLURM (or the trainer, with
-# `scontrol requeue $SLURM_JOB_ID`) put the job back in the queue; it resumes from `latest`.
+# checkpoint and exit before it kills them. The trainer writes why it stopped to
+# run_dir/exit.json; when that is the time limit's SIGUSR1 (or trainer.exit_duration_mins) and
+# the job made progress, this script requeues the job (--requeue), which resumes from `latest`.
+# A finished run, a kill switch, scancel's SIGTERM or an error is not requeued.
 set -euo pipefail
 cd @WORKDIR@
 
@@ -27,7 +29,8 @@ RANK_LOGS=@RANK_LOGS@/ranks-$SLURM_JOB_ID
 # srun from SLURM 22.05 on does not inherit the job's --cpus-per-task; this says it again.
 export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 export MASTER_ADDR MASTER_PORT PYTHON RANK_LOGS
-echo "bloom-slurm: job $SLURM_JOB_ID, $SLURM_NNODES node(s) x @NPROC@ process(es), rendezvous at $MASTER_ADDR:$MASTER_PORT"
+echo "bloom-slurm: job $SLURM_JOB_ID, $SLURM_NNODES node(s) x @NPROC@ process(es), rendezvous at $MASTER_ADDR:$MASTER_PORT (start $((${SLURM_RESTART_COUNT:-0} + 1)))"
+rm -f @RUN_DIR@/exit.json  # left by an earlier start of this job: only this start's counts
 
 # The single quotes matter: SLURM_PROCID differs per task, so the task's own shell expands it.
 srun --wait=60 --kill-on-bad-exit=1 bash -c 'exec "$PYTHON" -u -m torch.distributed.run \
@@ -35,5 +38,10 @@ srun --wait=60 --kill-on-bad-exit=1 bash -c 'exec "$PYTHON" -u -m torch.distribu
     --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" \
     --max_restarts 0 --tee 3 --log-dir "$RANK_LOGS" \
     --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout @SHUTDOWN@ \
-    -m launch.train_cli "$@"' bloom-train @OVERRIDES@
+    -m launch.train_cli "$@"' bloom-train @OVERRIDES@ && status=0 || status=$?
+# torchrun itself exits non-zero after forwarding a signal, so the record decides, not $status.
+if "$PYTHON" -m training.exit_record @RUN_DIR@ "$SLURM_JOB_ID"; then
+    scontrol requeue "$SLURM_JOB_ID"
+fi
+exit $status
 '''

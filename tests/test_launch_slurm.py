@@ -4,6 +4,7 @@ this machine (Debian's slurm-wlm + munge). Skipped, with the reason, where there
 Only that cluster is used: a SLURM client that talks to any other cluster (a real one, on a login
 node) gets no test jobs.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from launch.local import free_port
+from tests.bloom_train import TINY_RUN, data_cache  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 START = REPO / "tests" / "slurm" / "start_cluster.sh"
@@ -69,9 +71,13 @@ def job_env():
     return dict(os.environ, PYTHONPATH=str(REPO))
 
 
-def job_state(job_id: str) -> str:
+def job_fields(job_id: str) -> dict:
     result = _run("scontrol", "show", "job", "-o", job_id)
-    fields = dict(item.split("=", 1) for item in result.stdout.split() if "=" in item)
+    return dict(item.split("=", 1) for item in result.stdout.split() if "=" in item)
+
+
+def job_state(job_id: str) -> str:
+    fields = job_fields(job_id)
     return f"{fields.get('JobState', 'UNKNOWN')} exit {fields.get('ExitCode', '?')}"
 
 
@@ -136,3 +142,64 @@ def test_bare_srun_tasks_form_one_group(slurm_cluster):
     assert lines[1].startswith("task slurm 1/2 local 1 at ") and lines[1].endswith(" sum 3.0")
     # both derived the same rendezvous point on their own
     assert lines[0].split(" at ")[1] == lines[1].split(" at ")[1]
+
+
+def _wait_for_line(path: Path, prefix: str, job_id: str) -> None:
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if path.is_file() and any(line.startswith(prefix) for line in path.read_text().splitlines()):
+            return
+        time.sleep(0.2)
+    _run("scancel", job_id)
+    pytest.fail(f"job {job_id}: no line starting {prefix!r} in {path} after {JOB_TIMEOUT_S} s")
+
+
+def _release_when_requeued(job_id: str) -> None:
+    """SLURM holds a requeued job for its credential lifetime (two minutes: slurmd refuses a
+    credential of the job created in the second it revoked the last one); once the first start
+    has left the node and that second is past, start it now instead."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        fields = job_fields(job_id)
+        if fields.get("JobState") == "PENDING" and fields.get("Restarts", "0") != "0" and _node_ready():
+            time.sleep(3)
+            _run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+            return
+        if fields.get("JobState") in FINISHED:
+            return  # not requeued: the assertions below say so
+        time.sleep(0.5)
+
+
+def test_time_limit_signal_requeues_the_job_and_the_run_finishes(slurm_cluster, tmp_path, data_cache):
+    """The time limit's SIGUSR1 (sent here with scancel --signal, as --signal=USR1@120 would):
+    the run saves and stops, the job script requeues the job, the second start resumes from that
+    checkpoint and finishes, and a finished run is not requeued again."""
+    run_dir, iters = tmp_path / "run", 400
+    overrides = ["launcher.nodes=1", "launcher.gpus_per_node=0", "launcher.nproc_per_node=1",
+                 "launcher.time=00:10:00", f"trainer.run_dir={run_dir}", f"data.cache_dir={data_cache}",
+                 *TINY_RUN, f"trainer.train_iters={iters}", f"trainer.save_interval={iters}"]
+    submitted = subprocess.run([sys.executable, "-m", "launch.slurm", "--submit",
+                                "--port", str(free_port()), *overrides],
+                               cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    out_file = run_dir / "logs" / f"bloom-tiny-{job_id}.out"
+    _wait_for_line(out_file, "[default0]:iter 2/", job_id)
+    assert _run("scancel", "--signal=USR1", job_id).returncode == 0
+    _release_when_requeued(job_id)
+    state = wait_for(job_id)
+    out = out_file.read_text()
+    err = (run_dir / "logs" / f"bloom-tiny-{job_id}.err").read_text()
+    assert state == "COMPLETED exit 0:0", f"job {job_id}: {state}\n{out[-3000:]}\n{err[-3000:]}"
+    assert job_fields(job_id)["Restarts"] == "1"
+    stopped = [line for line in out.splitlines() if "stopping at iteration" in line]
+    assert len(stopped) == 1 and stopped[0].endswith("signal received (SIGUSR1)"), out[-3000:]
+    at = int(stopped[0].split("stopping at iteration ")[1].split(":")[0])
+    assert 2 <= at < iters
+    assert f"bloom-slurm: requeueing job {job_id}: the run stopped for SIGUSR1 at iteration {at}" in out
+    assert f"resumed from {run_dir}/checkpoints/iter_{at:08d} at iteration {at}" in out
+    assert f"bloom-slurm: not requeueing job {job_id}: the run stopped for 'finished'" in out
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"iter_{iters:08d}"
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "lm_loss" in line]
+    assert steps == list(range(1, iters + 1))  # every step once, none lost or repeated

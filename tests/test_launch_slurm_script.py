@@ -48,8 +48,11 @@ def test_176b_runs_torchrun_per_node_under_srun(bloom_176b):
                              "--rdzv_endpoint \"$MASTER_ADDR:$MASTER_PORT\"")
     assert "--max_restarts 0 --tee 3" in launch
     assert "SIGUSR1" in launch.split("--signals-to-handle")[1].split()[0]
-    assert launch.endswith("-m launch.train_cli \"$@\"' bloom-train experiment=bloom-176b "
-                           "launcher.partition=gpu_p5 launcher.account=six@a100")
+    assert ("-m launch.train_cli \"$@\"' bloom-train experiment=bloom-176b "
+            "launcher.partition=gpu_p5 launcher.account=six@a100 && status=0 || status=$?") in launch
+    # after the step: requeue when the run's exit record asks for more time (tests/test_exit_record.py)
+    assert launch.endswith('-m training.exit_record /scratch/bloom/runs/bloom-176b "$SLURM_JOB_ID"; '
+                           'then scontrol requeue "$SLURM_JOB_ID" fi exit $status')
     assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in bloom_176b
     assert "MASTER_PORT=${MASTER_PORT:-6000}" in bloom_176b
     assert "PYTHON=/opt/venv/bin/python" in bloom_176b and "cd /scratch/bloom" in bloom_176b

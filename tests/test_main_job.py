@@ -16,6 +16,11 @@ REQUIRED = {"step", "lm_loss", "lr", "grad_norm", "tokens_per_sec", "samples_per
             "tflops_per_device", "consumed_samples"}
 
 
+def exit_reason(run_dir) -> str:
+    """Why the run says it stopped (run_dir/exit.json, read by the SLURM job script)."""
+    return json.loads((run_dir / "exit.json").read_text())["reason"]
+
+
 def test_default_job_trains(tmp_path, data_cache):
     run = bloom_train([f"trainer.run_dir={tmp_path}", f"data.cache_dir={data_cache}"], timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -28,6 +33,7 @@ def test_default_job_trains(tmp_path, data_cache):
     assert len(languages) >= 38  # per-language validation: 38 UDHR languages + python + c
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_00000300"
     assert (tmp_path / "config.yaml").is_file() and list((tmp_path / "tensorboard").iterdir())
+    assert exit_reason(tmp_path) == "finished"
 
 
 def test_kill_switch_saves_and_exits(tmp_path, data_cache):
@@ -38,6 +44,7 @@ def test_kill_switch_saves_and_exits(tmp_path, data_cache):
     assert run.returncode == 0, run.stderr
     assert "kill switch" in run.stdout
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_00000001"
+    assert exit_reason(tmp_path) == "kill_switch"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
@@ -58,3 +65,4 @@ def test_signal_saves_and_exits(tmp_path, data_cache, signum):
     saved = (tmp_path / "checkpoints" / "latest").read_text().strip()
     stopped_at = int(saved.split("_")[1])
     assert 2 <= stopped_at < 100000 and f"saved checkpoint" in text
+    assert exit_reason(tmp_path) == signal.Signals(signum).name  # SIGUSR1 requeues a SLURM job

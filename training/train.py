@@ -20,6 +20,7 @@ from data.sampler import build_eval_loader, iter_global_batches
 from parallelism.deepspeed_engine import BloomEngine
 from parallelism.topology import init_model_parallel, init_process_group, shutdown
 from parallelism.tp_replicas import sync_replicated_parameters
+from training import exit_record
 from training.checkpoint import Checkpointer
 from training.config_checks import batch_schedule, validate
 from training.config_loader import ConfigError, to_yaml
@@ -27,6 +28,11 @@ from training.flops import model_flops_per_iteration, tflops_per_device
 from training.lr_schedule import learning_rate
 from training.metrics import MetricsLogger
 from training.model import padded_vocab_size
+
+
+# Why the loop stops early, weakest first: when ranks disagree the strongest wins. SIGUSR1 and
+# the time budget ask for more time (a SLURM job requeues itself); the others end the run.
+EXIT_REASONS = ("none", "time_budget", "SIGUSR1", "kill_switch", "SIGTERM")
 
 
 class TrainingStopped(RuntimeError):
@@ -109,9 +115,11 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg, layout, self.engine, self.data.tokenizer.directory)
         self.saved_at = None
         self.signal_received = None
+        self.exit_reason = None  # set when the loop ends: finished, or an EXIT_REASONS entry
         for signum in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, self._on_signal)
         self._resume()
+        self.start_iteration = self.state.iteration
 
     def _on_signal(self, signum, _frame) -> None:
         # Only note it: the loop saves and exits at the next step boundary, all ranks together.
@@ -169,6 +177,7 @@ class Trainer:
                 break
         if self.state.iteration > 0:
             self.save()
+        self.exit_reason = self.exit_reason or "finished"
         return self.state
 
     def _target(self) -> str:
@@ -250,22 +259,24 @@ class Trainer:
 
     def _should_exit(self) -> bool:
         t = self.cfg.trainer
-        flag = 0.0
+        flag = 0
         if t.exit_duration_mins is not None and time.time() - self.start_time > 60 * t.exit_duration_mins:
-            flag = 1.0
-        if t.kill_switch_file and os.path.exists(t.kill_switch_file):
-            flag = 2.0
+            flag = max(flag, EXIT_REASONS.index("time_budget"))
         if self.signal_received is not None:
-            flag = 3.0
-        # Every rank must leave together: agree on the strongest reason.
-        value = torch.tensor([flag], device=self.device)
+            flag = max(flag, EXIT_REASONS.index(signal.Signals(self.signal_received).name))
+        if t.kill_switch_file and os.path.exists(t.kill_switch_file):
+            flag = max(flag, EXIT_REASONS.index("kill_switch"))
+        # Every rank must leave together: agree on the strongest reason (a stop over a pause).
+        value = torch.tensor([float(flag)], device=self.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        reason = {1.0: f"wall-clock budget of {t.exit_duration_mins} min reached",
-                  2.0: f"kill switch {t.kill_switch_file} found",
-                  3.0: "signal received (SIGTERM/SIGUSR1)"}.get(value.item())
-        if reason:
-            self._say(f"stopping at iteration {self.state.iteration}: {reason}")
-        return reason is not None
+        if value.item() == 0:
+            return False
+        self.exit_reason = EXIT_REASONS[int(value.item())]
+        why = {"time_budget": f"wall-clock budget of {t.exit_duration_mins} min reached",
+               "kill_switch": f"kill switch {t.kill_switch_file} found"}
+        self._say(f"stopping at iteration {self.state.iteration}: "
+                  + why.get(self.exit_reason, f"signal received ({self.exit_reason})"))
+        return True
 
     def _say(self, line: str) -> None:
         if self.rank0:
@@ -306,9 +317,13 @@ def run(cfg) -> int:
             return 3
         finally:
             trainer.close()
+            if dist.get_rank() == 0:
+                exit_record.write(cfg.trainer.run_dir, trainer.exit_reason or "error",
+                                  trainer.start_iteration, trainer.state.iteration)
         if dist.get_rank() == 0 and state.history:
             first, last = state.history[0][1], state.history[-1][1]
-            print(f"done: {state.iteration} iterations, {state.consumed_samples} samples, "
+            ended = "done" if trainer.exit_reason == "finished" else f"stopped ({trainer.exit_reason})"
+            print(f"{ended}: {state.iteration} iterations, {state.consumed_samples} samples, "
                   f"lm_loss {first:.4f} -> {last:.4f}", flush=True)
         return 0
     finally:
