@@ -44,11 +44,10 @@ def sync_replicated_parameters(module: nn.Module) -> float:
     drift = (flat - reference).abs().max() if flat.numel() else torch.zeros(())
     dist.all_reduce(drift, op=dist.ReduceOp.MAX, group=group)
     if drift.item() > 0:
-        weights, master_values = reference.split([flat.numel() - sum(m.numel() for m in masters),
-                                                  sum(m.numel() for m in masters)])
-        for p, value in zip(params, _unflatten(weights, params)):
+        values = _unflatten(reference, params + masters)
+        for p, value in zip(params, values[:len(params)]):
             p.copy_(value.to(p.dtype))
-        for p, value in zip(params, _unflatten(master_values, masters)):
+        for p, value in zip(params, values[len(params):]):
             safe_set_full_fp32_param(p, value)
     return drift.item()
 

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 FILE_NAME = "exit.json"
+# Why a loop stops early, weakest first: when ranks disagree the strongest wins (a stop over a
+# pause). Besides these a record says "finished" or "error".
+EARLY_STOPS = ("time_budget", "SIGUSR1", "kill_switch", "SIGTERM")
 # Stops that mean "out of time here, not done": the job should continue in a new allocation.
 REQUEUE_REASONS = ("SIGUSR1", "time_budget")
 

@@ -30,11 +30,6 @@ from training.metrics import MetricsLogger
 from training.model import padded_vocab_size
 
 
-# Why the loop stops early, weakest first: when ranks disagree the strongest wins. SIGUSR1 and
-# the time budget ask for more time (a SLURM job requeues itself); the others end the run.
-EXIT_REASONS = ("none", "time_budget", "SIGUSR1", "kill_switch", "SIGTERM")
-
-
 class TrainingStopped(RuntimeError):
     """Training cannot go on (too many non-finite steps in a row); the message says why."""
 
@@ -115,7 +110,7 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg, layout, self.engine, self.data.tokenizer.directory)
         self.saved_at = None
         self.signal_received = None
-        self.exit_reason = None  # set when the loop ends: finished, or an EXIT_REASONS entry
+        self.exit_reason = None  # set when the loop ends: finished, or one of exit_record.EARLY_STOPS
         for signum in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, self._on_signal)
         self._resume()
@@ -259,19 +254,20 @@ class Trainer:
 
     def _should_exit(self) -> bool:
         t = self.cfg.trainer
-        flag = 0
+        reasons = []
         if t.exit_duration_mins is not None and time.time() - self.start_time > 60 * t.exit_duration_mins:
-            flag = max(flag, EXIT_REASONS.index("time_budget"))
+            reasons.append("time_budget")
         if self.signal_received is not None:
-            flag = max(flag, EXIT_REASONS.index(signal.Signals(self.signal_received).name))
+            reasons.append(signal.Signals(self.signal_received).name)
         if t.kill_switch_file and os.path.exists(t.kill_switch_file):
-            flag = max(flag, EXIT_REASONS.index("kill_switch"))
-        # Every rank must leave together: agree on the strongest reason (a stop over a pause).
+            reasons.append("kill_switch")
+        # Every rank must leave together: agree on the strongest reason (0: none).
+        flag = max((1 + exit_record.EARLY_STOPS.index(r) for r in reasons), default=0)
         value = torch.tensor([float(flag)], device=self.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         if value.item() == 0:
             return False
-        self.exit_reason = EXIT_REASONS[int(value.item())]
+        self.exit_reason = exit_record.EARLY_STOPS[int(value.item()) - 1]
         why = {"time_budget": f"wall-clock budget of {t.exit_duration_mins} min reached",
                "kill_switch": f"kill switch {t.kill_switch_file} found"}
         self._say(f"stopping at iteration {self.state.iteration}: "
