@@ -19,6 +19,8 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.bz2", ".jsonl.xz", ".jsonl.zst"
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 # A folder written by datasets' save_to_disk holds one of these.
 _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+# Some Windows tools start a UTF-8 file with a byte-order mark: it marks the file, not the text.
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ def iter_records(source: Source) -> Iterator[tuple[int, bytes | dict]]:
     try:
         with open_binary(source.path) as handle:
             for lineno, line in enumerate(handle, start=1):
+                if lineno == 1 and line.startswith(UTF8_BOM):
+                    line = line[len(UTF8_BOM):]  # only there: further on, U+FEFF is content
                 # Blank lines (a trailing newline, spacing) are conventional in JSONL, not bad data.
                 if line.strip():
                     yield lineno, line

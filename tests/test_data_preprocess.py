@@ -164,3 +164,23 @@ def test_files_of_a_killed_run_are_never_read_and_are_cleaned(tokenizer_dir, tmp
     preprocess([tmp_path / "in"], tokenizer_dir, tmp_path, PreprocessOptions(progress=False))
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
     assert IndexedDataset.exists(str(tmp_path / "en"))
+
+
+def test_a_byte_order_mark_starts_a_file_and_is_not_part_of_its_first_document(tokenizer_dir, tmp_path):
+    """A JSONL file written with a UTF-8 BOM (as some Windows tools do) gives, through
+    bloom-preprocess, the same documents as the file without it, its first one included; a
+    U+FEFF inside a text further on stays text."""
+    lines = (SHIPPED_CORPUS / "udhr" / "en.jsonl").read_bytes().splitlines(keepends=True)[:4]
+    lines.insert(2, json.dumps({"text": "\ufeffzero width no-break space", "lang": "en"},
+                               ensure_ascii=False).encode() + b"\n")
+    texts = [json.loads(line)["text"] for line in lines]
+    plain, marked = tmp_path / "plain", tmp_path / "marked"
+    for folder, prefix in ((plain, b""), (marked, b"\xef\xbb\xbf")):
+        folder.mkdir()
+        (folder / "en.jsonl").write_bytes(prefix + b"".join(lines))
+        assert cli_main(["-i", str(folder / "en.jsonl"), "--tokenizer", str(tokenizer_dir),
+                         "-o", str(folder / "out"), "--workers", "1", "--quiet"]) == 0
+    summaries = [json.loads((f / "out" / "summary.json").read_text())["outputs"]["en"] for f in (plain, marked)]
+    assert [s["documents"] for s in summaries] == [5, 5] and summaries[1]["skipped_total"] == 0
+    assert read_documents(marked / "out" / "en") == read_documents(plain / "out" / "en")
+    assert read_documents(marked / "out" / "en") == expected_tokens(tokenizer_dir, texts)
