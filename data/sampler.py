@@ -59,7 +59,7 @@ def build_train_loader(dataset, schedule: BatchSchedule, consumed_samples: int, 
     """This rank's micro-batches, each a dict of [mbs, seq] tensors (tokens, labels, loss_mask, ...)."""
     sampler = PretrainingSampler(len(dataset), consumed_samples, schedule, dp_rank)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=False,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, generator=_own_generator())
 
 
 def iter_global_batches(dataset, schedule: BatchSchedule, consumed_samples: int, dp_rank: int,
@@ -97,7 +97,15 @@ class EvalSampler(Sampler):
 
 def build_eval_loader(dataset, micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int = 0) -> DataLoader:
     return DataLoader(dataset, batch_sampler=EvalSampler(len(dataset), micro_batch_size, dp_rank, dp_size),
-                      num_workers=num_workers, collate_fn=_collate_padded)
+                      num_workers=num_workers, collate_fn=_collate_padded, generator=_own_generator())
+
+
+def _own_generator() -> torch.Generator:
+    """A DataLoader draws its workers' base seed when an iterator starts, from the global torch
+    generator unless given one: a resumed run starts its iterator at another point of that stream
+    than the uninterrupted run did, and every dropout mask after it would differ. Our samplers
+    are deterministic, so the loader's own draws need not be random at all."""
+    return torch.Generator().manual_seed(0)
 
 
 def _collate_padded(samples: list[dict]) -> dict:
