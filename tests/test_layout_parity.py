@@ -1,6 +1,11 @@
-"""Loss parity across layouts: the same tiny model, seed and batches trained 5 steps in fp32 on CPU
-at TP2, PP2, DP2 (ZeRO-1) and TP2 x PP2 x DP2 (8 processes) reports, step by step, the losses of
-the single-process run (relative difference < 1e-4 each step; we see ~1e-7, float reordering)."""
+"""Loss and gradient-norm parity across layouts: the same tiny model, seed and batches trained 5
+steps in fp32 on CPU at TP2, PP2, DP2 (ZeRO-1) and TP2 x PP2 x DP2 (8 processes) reports, step by
+step, the losses and the global gradient norms of the single-process run (relative difference
+< 1e-4 each step; we see ~1e-7, float reordering).
+
+The gradient norm is what clipping and the logs see, before Adam: a gradient summed over DP instead
+of averaged, a TP-replicated parameter counted once per TP rank, or a norm over one pipeline stage
+only would leave the losses close (Adam divides the scale away) but not the norm."""
 import json
 
 import pytest
@@ -13,26 +18,38 @@ STEPS = 5
 RTOL = 1e-4
 
 
-def losses(tmp_path, layout: Layout, overrides=()) -> list:
+def results(tmp_path, layout: Layout, overrides=()) -> list:
+    """Each step's {loss, grad_norm, skipped, loss_scale}, as rank 0 saw them."""
     out = tmp_path / f"tp{layout.tp}-pp{layout.pp}-dp{layout.dp}.json"
     overrides = [f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}", "parallel.zero_stage=1",
                  *overrides]
     run_processes(run_and_save, layout, overrides, layout, STEPS, str(out))
-    return [r["loss"] for r in json.loads(out.read_text())]
+    return json.loads(out.read_text())
+
+
+def assert_steps_match(got: list, reference: list, what: str = "single-process") -> None:
+    """Every step's loss and gradient norm within RTOL of the reference run's."""
+    assert len(got) == len(reference) == STEPS
+    for step, (a, b) in enumerate(zip(got, reference)):
+        assert not a["skipped"], f"step {step} was skipped"
+        assert abs(a["loss"] - b["loss"]) / abs(b["loss"]) < RTOL, \
+            f"step {step}: loss {a['loss']} vs {what} {b['loss']}"
+        assert abs(a["grad_norm"] - b["grad_norm"]) / abs(b["grad_norm"]) < RTOL, \
+            f"step {step}: grad_norm {a['grad_norm']} vs {what} {b['grad_norm']}"
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    return losses(tmp_path_factory.mktemp("ref"), Layout(1, 1, 1))
+    return results(tmp_path_factory.mktemp("ref"), Layout(1, 1, 1))
 
 
 def test_reference_loss_falls(reference):
-    assert reference[-1] < reference[0]
+    assert reference[-1]["loss"] < reference[0]["loss"]
+    # A real norm every step: NaN would pass no comparison, 0 would make every relative one fail.
+    assert all(0 < r["grad_norm"] < float("inf") for r in reference)
 
 
 @pytest.mark.parametrize("layout", [Layout(2, 1, 1), Layout(1, 2, 1), Layout(1, 1, 2), Layout(2, 2, 2)],
                          ids=["tp2", "pp2", "dp2-zero1", "tp2-pp2-dp2"])
 def test_layout_matches_single_process(tmp_path, reference, layout):
-    got = losses(tmp_path, layout)
-    for step, (a, b) in enumerate(zip(got, reference)):
-        assert abs(a - b) / abs(b) < RTOL, f"step {step}: {a} vs single-process {b}"
+    assert_steps_match(results(tmp_path, layout), reference)
