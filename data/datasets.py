@@ -2,9 +2,11 @@
 
 Built with BlendedMegatronDatasetBuilder + GPTDataset, so the blending (each sample from the
 dataset whose realised share lags its weight most), splits and shuffles are megatron's,
-deterministic in `data.seed`. Their index caches are built once, by rank 0, into a directory
-written aside and renamed when complete (named by a hash of everything that determines them),
-then loaded by every rank: a killed build never leaves a cache that looks valid.
+deterministic in `data.seed`. Each split is built from its own blend, the datasets whose part of
+it holds a full sample (data.split_fit), with megatron's document ranges. Their index caches
+are built once, by rank 0, into a directory written aside and renamed when complete (named by
+a hash of everything that determines them), then loaded by every rank: a killed build never
+leaves a cache that looks valid.
 """
 import hashlib
 import json
@@ -14,18 +16,14 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch.distributed as dist
-
 from data.blend import BlendEntry, resolve_blend
 from data.config import DataConfig
 from data.distributed import ensure_process_group, on_rank0_then_all, rank
-from data.errors import DataError
-from data.index_file import split_token_counts
 from data.prepare import PreparedData, _check_visible, prepare_data, resolve_cache
+from data.split_fit import SPLITS, SplitFit, fit_split, fit_train, split_matrix
 from data.tokenizer import TokenizerInfo
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "valid", "test")
 
 
 @dataclass
@@ -34,42 +32,81 @@ class DataSplits:
     valid: object | None
     test: object | None
     valid_per_dataset: dict = field(default_factory=dict)  # name -> one-epoch GPTDataset
-    blend: list = field(default_factory=list)  # [BlendEntry]
+    blend: list = field(default_factory=list)  # [BlendEntry] training draws from (weights renormalised)
     tokenizer: TokenizerInfo | None = None
+    blends: dict = field(default_factory=dict)  # split name -> [BlendEntry] of each split built
+    left_out: list = field(default_factory=list)  # [LeftOut]: a dataset out of a split, and why
+    seq_length: int = 0
+    data_split: str = ""
 
 
 def build_datasets(cfg: DataConfig, train_samples: int, valid_samples: int = 0, test_samples: int = 0,
                    prepared: PreparedData | None = None) -> DataSplits:
     """Blended train/valid/test of at least the given sizes; call on every rank.
 
-    A size of 0 leaves that split out (None). Preprocesses the corpus first if needed.
+    A size of 0 leaves that split out (None). Each split blends only the datasets whose part of
+    it holds a full sample (see data.split_fit); a valid or test split left with none is None,
+    a train split left with none is a DataError. Preprocesses the corpus first if needed.
     """
     ensure_process_group()
     prepared = prepared or prepare_data(cfg)
     tokenizer = TokenizerInfo(prepared.tokenizer_dir)
     blend = resolve_blend(cfg, prepared.processed_dir, prepared.summary)
     sizes = [train_samples, valid_samples, test_samples]
-    config = _gpt_config(cfg, tokenizer, blend)
-    config.split_matrix = [b if size else None for b, size in zip(config.split_matrix, sizes)]
-    _check_splits_hold_samples(cfg, blend, config.split_matrix)
-    train, valid, test = _build_cached(cfg, config, sizes, {"blend": [e.__dict__ for e in blend]})
-    per_dataset = build_per_dataset_valid(cfg, tokenizer, blend) if cfg.per_language_valid else {}
-    return DataSplits(train, valid, test, per_dataset, blend, tokenizer)
+    fits = _fit_splits(cfg, blend, sizes)
+    _say_left_out(cfg, fits)
+    built = {name: _build_split(cfg, tokenizer, fits.get(name), index, size)
+             for index, (name, size) in enumerate(zip(SPLITS, sizes))}
+    valid_fit = fits.get("valid")
+    per_dataset = {}
+    if cfg.per_language_valid and valid_fit:
+        per_dataset = build_per_dataset_valid(cfg, tokenizer, valid_fit.blend)
+    return DataSplits(built["train"], built["valid"], built["test"], per_dataset,
+                      fits["train"].blend if "train" in fits else blend, tokenizer,
+                      blends={name: fits[name].blend for name, ds in built.items() if ds is not None},
+                      left_out=[left for fit in fits.values() for left in fit.left_out],
+                      seq_length=cfg.seq_length, data_split=cfg.split)
+
+
+def _fit_splits(cfg: DataConfig, blend: list[BlendEntry], sizes: list) -> dict[str, SplitFit]:
+    """The fit of each split wanted (and given documents by data.split); the valid split is
+    wanted for the per-language validation sets too."""
+    matrix = split_matrix(cfg.split)
+    fits = {"train": fit_train(blend, matrix, cfg.seq_length, cfg.split)} if sizes[0] else {}
+    for index in (1, 2):
+        wanted = sizes[index] or (index == 1 and cfg.per_language_valid)
+        if wanted and matrix[index] is not None:
+            fits[SPLITS[index]] = fit_split(blend, matrix, index, cfg.seq_length, cfg.split)
+    return fits
+
+
+def _say_left_out(cfg: DataConfig, fits: dict[str, SplitFit]) -> None:
+    if rank() != 0:  # every rank computes the same fits; one says them
+        return
+    for fit in fits.values():
+        for left in fit.left_out:
+            log.warning("data: %s", left.line())
+        if not fit.blend:
+            log.warning("data: %s: no %s split", fit.nothing_left_line(cfg.seq_length, cfg.split), fit.split)
+
+
+def _build_split(cfg: DataConfig, tokenizer: TokenizerInfo, fit: SplitFit | None, index: int, size: int):
+    """One split from its own blend; the same data.split keeps each dataset's document range."""
+    if not size or fit is None or not fit.blend:
+        return None
+    config = _gpt_config(cfg, tokenizer, fit.blend)
+    config.split_matrix = [bounds if i == index else None for i, bounds in enumerate(config.split_matrix)]
+    sizes = [size if i == index else 0 for i in range(len(SPLITS))]
+    return _build_cached(cfg, config, sizes, {"blend": [e.__dict__ for e in fit.blend]})[index]
 
 
 def build_per_dataset_valid(cfg: DataConfig, tokenizer: TokenizerInfo, blend: list[BlendEntry]) -> dict:
-    """One-epoch validation set of each dataset (its own valid documents, none of the training ones)."""
+    """One-epoch validation set of each dataset (its own valid documents, none of the training
+    ones); `blend` holds only datasets whose valid part holds a sample (see data.split_fit)."""
     out = {}
     for entry in blend:
         config = _gpt_config(cfg, tokenizer, [BlendEntry(entry.name, entry.prefix, 1.0, entry.tokens)], weighted=False)
         config.split_matrix = [None, config.split_matrix[1], None]
-        if config.split_matrix[1] is None:
-            return {}
-        tokens = split_token_counts(entry.prefix, config.split_matrix)[1]
-        if tokens < cfg.seq_length + 1:
-            log.warning("no per-language validation set for %s: its valid split holds %d tokens < %d",
-                        entry.name, tokens, cfg.seq_length + 1)
-            continue
         _, valid, _ = _build_cached(cfg, config, [None, None, None], {"valid_of": entry.prefix})
         out[entry.name] = valid
     return out
@@ -90,16 +127,6 @@ def _gpt_config(cfg: DataConfig, tokenizer: TokenizerInfo, blend: list[BlendEntr
         create_attention_mask=False,  # causal (ALiBi) attention builds its own mask
         path_to_cache=None,  # set per build, see _build_cached
     )
-
-
-def _check_splits_hold_samples(cfg: DataConfig, blend: list[BlendEntry], split_matrix) -> None:
-    """megatron-core never returns on a split without a full sample: refuse it up front."""
-    need = cfg.seq_length + 1
-    for entry in blend:
-        for name, count in zip(SPLITS, split_token_counts(entry.prefix, split_matrix)):
-            if count is not None and count < need:
-                raise DataError(f"dataset {entry.name!r}: its {name} split (data.split={cfg.split}) holds "
-                                f"{count} tokens, fewer than seq_length+1={need}")
 
 
 def _build_cached(cfg: DataConfig, config, sizes: list, identity: dict) -> list:

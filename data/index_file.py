@@ -1,7 +1,7 @@
 """Read the per-document token counts of a megatron-core .idx file without importing megatron.
 
-Used to derive blend weights from token counts and to check, before megatron-core builds its
-indices, that every split of every dataset holds at least one sample (megatron-core loops
+Used to derive blend weights from token counts and to find, before megatron-core builds its
+indices, which datasets hold at least one sample in each split (megatron-core loops
 forever on an empty split).
 """
 import struct

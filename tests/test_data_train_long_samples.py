@@ -1,0 +1,20 @@
+"""bloom-train on the shipped corpus at BLOOM's sequence length, 2048 tokens a sample: the
+languages too small to hold a sample in some split are left out of it, and the run trains."""
+import json
+
+from tests.bloom_train import bloom_train, data_cache  # noqa: F401
+
+
+def test_bloom_train_trains_two_steps_at_seq_2048_on_the_shipped_corpus(tmp_path, data_cache):
+    """Most UDHR languages hold ~400 valid tokens (80,10,10), one holds ~2000 training tokens:
+    they are left out of those splits, said in one line each, and training and evaluation run."""
+    run_dir = tmp_path / "run"
+    result = bloom_train(["data.seq_length=2048", "model.hidden_size=32", "model.num_layers=2",
+                          "model.num_heads=4", "trainer.micro_batch_size=1", "trainer.global_batch_size=2",
+                          "trainer.train_iters=2", "trainer.eval_interval=1", "trainer.eval_iters=1",
+                          "logging.tensorboard=false", f"trainer.run_dir={run_dir}", f"data.cache_dir={data_cache}"])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "lm_loss" in r] == [1, 2]
+    assert [r["step"] for r in records if "valid_loss" in r] == [1, 2]
+    assert "left out of the valid split" in result.stderr
