@@ -37,7 +37,9 @@ def deepspeed_config(cfg, layout: Layout, initial_global_batch: int) -> dict:
         "train_batch_size": initial_global_batch,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": initial_global_batch // (t.micro_batch_size * layout.dp),
-        "gradient_clipping": cfg.optim.clip_grad,
+        # ZeRO 0 (fp32 only): BloomEngine measures and clips the gradients itself (see
+        # _clip_in_optimizer_step); DeepSpeed's ZeRO optimizers do it right from their partitions.
+        "gradient_clipping": cfg.optim.clip_grad if cfg.parallel.zero_stage > 0 else 0.0,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "zero_allow_untested_optimizer": True,  # our AdamW subclass (GuardedAdamW)
         "steps_per_print": 2 ** 31,  # the train loop logs
@@ -75,6 +77,9 @@ class BloomEngine:
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
                                                     config=ds_config, mpu=mpu)
         self.global_batch = initial_global_batch
+        self._zero0_norm = None
+        if cfg.parallel.zero_stage == 0:
+            self._clip_in_optimizer_step(cfg.optim.clip_grad)
 
     def _build_module(self, cfg, seed, device):
         self.tp = tensor_parallel_from_state(seed, device)
@@ -150,8 +155,44 @@ class BloomEngine:
         return loss
 
     def _grad_norm(self) -> float:
-        norm = self.engine.get_global_grad_norm()
+        norm = self._zero0_norm if self._zero0_norm is not None else self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+    def _clip_in_optimizer_step(self, max_norm: float) -> None:
+        """ZeRO 0: the global gradient norm (and the clipping by it) is computed here, between
+        DeepSpeed's gradient all-reduce and the optimizer step. DeepSpeed's own ZeRO-0 clipping
+        (runtime.utils.clip_grad_norm_) keeps no norm (get_global_grad_norm() stays None: the logs
+        showed nan), and under a pipeline it adds a replicated parameter's gradient only on the first
+        rank of the TP x PP group, so later stages' LayerNorms went uncounted and the tied
+        embedding counted twice."""
+        step = self.optimizer.step  # the engine calls our optimizer itself at ZeRO 0
+
+        @torch.no_grad()
+        def clipped_step(*args, **kwargs):
+            norm = self._global_grad_norm()
+            if max_norm > 0:
+                coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+                for p in self.engine.module.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+            self._zero0_norm = norm.item()
+            return step(*args, **kwargs)
+
+        self.optimizer.step = clipped_step
+
+    def _global_grad_norm(self) -> torch.Tensor:
+        """The 2-norm of the whole model's gradient, the same on every rank: each TP shard once,
+        a TP-replicated parameter (LayerNorm, row-parallel bias) once per TP group, the tied
+        embedding on its first pipeline stage only. Gradients are already averaged over DP."""
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        squares = torch.zeros((), dtype=torch.float32, device=self.device)
+        for p in self.engine.module.parameters():
+            if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+                continue
+            if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+                squares += p.grad.detach().float().square().sum()
+        dist.all_reduce(squares, group=parallel_state.get_model_parallel_group())
+        return squares.sqrt()
 
     def _loss_scale(self) -> float:
         scale = getattr(self.engine.optimizer, "cur_scale", None)
