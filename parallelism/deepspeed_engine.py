@@ -45,8 +45,10 @@ def deepspeed_config(cfg, layout: Layout, initial_global_batch: int) -> dict:
         "steps_per_print": 2 ** 31,  # the train loop logs
         "wall_clock_breakdown": False,
         "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 12,
-                 "loss_scale_window": 500, "hysteresis": 2, "min_loss_scale": 1},
+        # loss_scale 0: dynamic scaling, with the trainer's settings.
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0,
+                 "initial_scale_power": t.initial_scale_power, "loss_scale_window": t.loss_scale_window,
+                 "hysteresis": t.hysteresis, "min_loss_scale": t.min_loss_scale},
     }
     if t.precision == "bf16":
         # BLOOM-176B's recipe; DeepSpeed's pipeline + ZeRO-1 in bf16 fails without it.

@@ -2,6 +2,7 @@
 HF BloomForCausalLM and the counts BigScience published), every invalid config is refused with one
 line naming the value, and the run plans lay out the BigScience runs within their GPUs' memory."""
 import json
+import os
 import subprocess
 import sys
 
@@ -9,9 +10,11 @@ import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM
 
+from launch.slurm import checked_config as bloom_slurm_config
 from launch.train_cli import main as bloom_train
+from parallelism.precision_support import FORCE_ENV, unsupported_reason
 from training.config_checks import validate, world_size
-from training.config_loader import load_config
+from training.config_loader import ConfigError, load_config
 from training.plan import count_parameters_as_built, count_parameters_from_table, make_plan
 
 # BLOOM_FACTS.md: HF BloomForCausalLM parameter counts of the released models (vocab 250880).
@@ -94,6 +97,8 @@ INVALID = {
     "wrong type": (["trainer.micro_batch_size=big"], "trainer.micro_batch_size"),
     "unknown kernel backend": (["model.kernels=fast"], "model.kernels=fast"),
     "unknown precision": (["trainer.precision=fp8"], "trainer.precision=fp8"),
+    "fp16 hysteresis": (["trainer.hysteresis=0"], "trainer.hysteresis=0"),
+    "fp16 loss scale window": (["trainer.loss_scale_window=0"], "trainer.loss_scale_window=0"),
     "176b on 47 nodes": (["experiment=bloom-176b", "launcher.nodes=47"], "world size 376"),
     "176b dp vs nodes": (["experiment=bloom-176b", "launcher.nodes=96"], "parallel.dp=8"),
 }
@@ -118,3 +123,58 @@ def test_console_script_error_has_no_traceback():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "bloom-train: error: model.num_heads=4 is not divisible by parallel.tp=3: each rank needs whole heads"]
+
+
+def test_precision_support_is_this_device_fact():
+    """Unforced, the answer is the device's own: on CPU oneDNN's fp16 kernels (torch's own
+    probe, not DeepSpeed's wrapper around it), on CUDA compute capability 7 for fp16."""
+    if torch.cuda.is_available():
+        fp16 = torch.cuda.get_device_capability()[0] >= 7
+        bf16 = torch.cuda.is_bf16_supported()
+    else:
+        fp16, bf16 = bool(torch.ops.mkldnn._is_mkldnn_fp16_supported()), True
+    assert (unsupported_reason("fp16") is None) == fp16
+    assert (unsupported_reason("bf16") is None) == bf16
+    assert unsupported_reason("fp32") is None
+
+
+def test_precision_support_forced_both_ways(monkeypatch):
+    cfg = load_config(["trainer.precision=fp16"])
+    monkeypatch.setenv(FORCE_ENV, "fp16=no")
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg, trains_here=True)
+    assert str(refused.value) == (f"trainer.precision=fp16 is not supported on this device (forced by {FORCE_ENV}); "
+                                  "use bf16 or fp32")
+    monkeypatch.setenv(FORCE_ENV, "fp16=yes,bf16=no")
+    assert validate(cfg, trains_here=True).dp == 1
+    with pytest.raises(ConfigError, match=r"^trainer.precision=bf16 is not supported .* use fp16 or fp32$"):
+        validate(load_config(["trainer.precision=bf16"]), trains_here=True)
+
+
+def test_precision_checked_only_where_this_process_trains(monkeypatch, single_process):
+    """A rank of a run (it has joined a process group) checks this machine's device."""
+    monkeypatch.setenv(FORCE_ENV, "fp16=no")
+    with pytest.raises(ConfigError, match="trainer.precision=fp16 is not supported on this device"):
+        validate(load_config(["trainer.precision=fp16"]))
+
+
+def test_cluster_validation_ignores_this_device(monkeypatch, tmp_path):
+    """bloom-slurm and dry runs validate for the cluster's GPUs: fp16 unsupported here is no reason
+    to refuse BigScience's fp16 runs."""
+    monkeypatch.setenv(FORCE_ENV, "fp16=no")
+    cfg = bloom_slurm_config(["experiment=bloom-1b7"])
+    assert cfg.trainer.precision == "fp16"
+    assert validate(cfg, 64).dp == 16
+    assert bloom_train(["experiment=bloom-1b7", "trainer.dry_run=true", f"trainer.run_dir={tmp_path}"]) == 0
+
+
+def test_bloom_train_refuses_unsupported_precision_in_one_line(tmp_path):
+    """The real command, not a dry run: refused before any model or DeepSpeed engine is built."""
+    env = dict(os.environ, **{FORCE_ENV: "fp16=no"})
+    proc = subprocess.run([sys.executable, "-m", "launch.train_cli", "trainer.precision=fp16",
+                           f"trainer.run_dir={tmp_path}"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"bloom-train: error: trainer.precision=fp16 is not supported on this device (forced by {FORCE_ENV}); "
+        "use bf16 or fp32"]
+    assert not any(tmp_path.iterdir()), "a refused run wrote to its run directory"

@@ -4,10 +4,13 @@ The world size comes from the environment when a launcher (torchrun, srun) start
 otherwise from the launcher config: nodes x processes per node.
 """
 import os
-from typing import Mapping
+from typing import Mapping, Optional
+
+import torch.distributed as dist
 
 from data.batch_schedule import BatchSchedule
 from data.errors import DataError
+from parallelism.precision_support import unsupported_reason
 from parallelism.topology import Layout
 from training.config_loader import ConfigError, RootConfig
 from training.kernels import BACKENDS
@@ -99,13 +102,40 @@ def check_training(cfg: RootConfig) -> None:
              "set trainer.train_iters or trainer.train_samples, not both")
     _require(cfg.data.seq_length >= 1, f"data.seq_length={cfg.data.seq_length} must be positive")
     _require(cfg.launcher.nodes >= 1, f"launcher.nodes={cfg.launcher.nodes} must be at least 1")
+    check_loss_scaler(t)
 
 
-def validate(cfg: RootConfig, size: int = None) -> Layout:
-    """Every check; returns the layout (with DP derived) the run will use."""
+def check_loss_scaler(t) -> None:
+    _require(t.initial_scale_power >= 0, f"trainer.initial_scale_power={t.initial_scale_power} must not be negative")
+    _require(t.loss_scale_window >= 1, f"trainer.loss_scale_window={t.loss_scale_window} must be at least 1")
+    _require(t.hysteresis >= 1, f"trainer.hysteresis={t.hysteresis} must be at least 1")
+    _require(0 < t.min_loss_scale <= 2 ** t.initial_scale_power,
+             f"trainer.min_loss_scale={t.min_loss_scale} must be in (0, 2^trainer.initial_scale_power]")
+
+
+def check_precision_here(cfg: RootConfig) -> None:
+    """This machine's device can train in trainer.precision; else DeepSpeed would refuse it later,
+    with a traceback from deep inside its engine."""
+    precision = cfg.trainer.precision
+    reason = unsupported_reason(precision)
+    if reason is not None:
+        usable = [p for p in ("bf16", "fp16", "fp32") if p != precision and unsupported_reason(p) is None]
+        raise ConfigError(f"trainer.precision={precision} is not supported on this device ({reason}); "
+                          f"use {' or '.join(usable)}")
+
+
+def validate(cfg: RootConfig, size: int = None, trains_here: Optional[bool] = None) -> Layout:
+    """Every check; returns the layout (with DP derived) the run will use.
+
+    trains_here: whether this process will train on this machine's device, so that the device must
+    run trainer.precision. By default, whether it has joined a job's process group: a rank of a run
+    has, while a dry run and bloom-slurm validate for a cluster's GPUs before any group exists.
+    """
     size = world_size(cfg) if size is None else size
     check_model(cfg)
     layout = check_layout(cfg, size)
     batch_schedule(cfg, layout.dp)
     check_training(cfg)
+    if dist.is_initialized() if trains_here is None else trains_here:
+        check_precision_here(cfg)
     return layout

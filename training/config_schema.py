@@ -61,6 +61,14 @@ class TrainerConfig:
     train_iters: Optional[int] = None
     train_samples: Optional[int] = None
     precision: str = "fp32"  # fp32 | bf16 | fp16
+    # fp16's dynamic loss scaling (DeepSpeed's scaler; BigScience's values): start at
+    # 2^initial_scale_power, halve on an overflow once `hysteresis` overflows have been seen, double
+    # after loss_scale_window steps without one, never below min_loss_scale. Megatron's
+    # --initial-loss-scale, --hysteresis, --loss-scale-window, --min-loss-scale.
+    initial_scale_power: int = 12
+    hysteresis: int = 2
+    loss_scale_window: int = 500
+    min_loss_scale: float = 1.0
     seed: int = 42
     save_interval: int = 100  # iterations; a checkpoint is also saved on every exit
     keep_checkpoints: int = 3  # the newest K complete checkpoints are kept (0 = all)
