@@ -305,7 +305,7 @@ def test_bloom_train_continues_an_import_at_tp2_pp2(hf_dir, imported, tmp_path, 
     run = tmp_path / "run"
     result = bloom_train([
         "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
-        f"model.vocab_size={TOKENIZER_VOCAB}", "data.seq_length=32", "trainer.micro_batch_size=2",
+        f"model.vocab_size={TOKENIZER_VOCAB}", f"model.padded_vocab_size={ROWS}", "data.seq_length=32", "trainer.micro_batch_size=2",
         "trainer.global_batch_size=4", "logging.log_interval=1", "logging.tensorboard=false",
         "optim.warmup_samples=8", "trainer.train_iters=1",
         "data.corpus=[data/corpora/udhr/en.jsonl,data/corpora/udhr/fr.jsonl]",

@@ -1,13 +1,21 @@
-"""Exact resume. A run killed with SIGKILL and resumed (twice, across a batch-size rampup boundary)
-reports bitwise the losses and consumed samples of an uninterrupted run at every step; a kill
-during a save leaves the previous checkpoint in use; a corrupt checkpoint is detected by its
-checksum and the previous one used; a checkpoint of another model shape is refused in one line."""
+"""Exact resume, with BigScience's dropout (hidden and attention 0.1) on, so every rank's saved
+random streams must come back: a run killed with SIGKILL and resumed (twice, across a batch-size
+rampup boundary) reports bitwise the losses and consumed samples of an uninterrupted run at every
+step; so does a run resumed at TP2 x DP2 and at PP2 x DP2 (and one process), in fp32 and in bf16.
+A kill during a save leaves the previous checkpoint in use; a corrupt checkpoint is detected by
+its checksum and the previous one used; a checkpoint of another model shape is refused in one line."""
 from pathlib import Path
 
-from tests.bloom_train import TINY_RUN, bloom_train, data_cache, step_losses  # noqa: F401
+import pytest
+import torch.distributed as dist
 
+from parallelism.topology import Layout
+from tests.bloom_train import TINY_RUN, bloom_train, data_cache, step_losses  # noqa: F401
+from tests.multiprocess import run_processes
+
+DROPOUT = ["model.hidden_dropout=0.1", "model.attention_dropout=0.1"]
 # Global batch 4 -> 8 in two increments of 2, one every 8 samples: 4, 4, 6, 6, 8, ... (a rampup).
-RAMPUP = TINY_RUN + ["trainer.global_batch_size=8", "trainer.rampup_batch_size=[4,2,16]"]
+RAMPUP = TINY_RUN + DROPOUT + ["trainer.global_batch_size=8", "trainer.rampup_batch_size=[4,2,16]"]
 ITERS = 9
 
 
@@ -70,3 +78,49 @@ def test_corrupt_checkpoint_falls_back_and_shape_change_is_refused(tmp_path, dat
     assert other.returncode == 2
     lines = other.stderr.strip().splitlines()
     assert len(lines) == 1 and "hidden_size=32" in lines[0] and "hidden_size=64" in lines[0], other.stderr
+
+
+# -- resumed in new processes of a job, at several layouts and precisions ------------------------
+
+SAVE_AT, LAST = 3, 6
+
+
+def _train(overrides: list) -> None:
+    """One bloom-train run in this job's processes (the Trainer that `bloom-train` runs)."""
+    from training.config_checks import validate
+    from training.config_loader import load_config
+    from training.train import Trainer
+
+    cfg = load_config(overrides)
+    trainer = Trainer(cfg, validate(cfg, dist.get_world_size()))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+
+
+def _whole_and_resumed(rank, layout, cache, tmp):
+    """For fp32 and bf16: an uninterrupted run to LAST, then a new run that starts from the
+    first one's checkpoint at SAVE_AT (its own run directory, fresh engine and data loader) and
+    continues to LAST. The resumed run's processes have drawn from every random stream since, so
+    only what the checkpoint restores can make it repeat the uninterrupted run's dropout masks."""
+    base = TINY_RUN + DROPOUT + [f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}",
+                                 f"data.cache_dir={cache}", "trainer.global_batch_size=8",
+                                 f"trainer.train_iters={LAST}", f"trainer.save_interval={SAVE_AT}"]
+    for precision in ("fp32", "bf16"):
+        whole, resumed = Path(tmp) / precision / "whole", Path(tmp) / precision / "resumed"
+        _train(base + [f"trainer.precision={precision}", f"trainer.run_dir={whole}"])
+        _train(base + [f"trainer.precision={precision}", f"trainer.run_dir={resumed}",
+                       f"trainer.resume={whole / 'checkpoints' / f'iter_{SAVE_AT:08d}'}"])
+
+
+@pytest.mark.parametrize("layout", [Layout(1, 1, 1), Layout(2, 1, 2), Layout(1, 2, 2)],
+                         ids=["1-process", "tp2-dp2", "pp2-dp2"])
+def test_resume_with_dropout_is_bitwise_at_every_layout_and_precision(tmp_path, data_cache, layout):
+    run_processes(_whole_and_resumed, layout, layout, data_cache, str(tmp_path))
+    for precision in ("fp32", "bf16"):
+        whole, resumed = (step_losses(tmp_path / precision / run) for run in ("whole", "resumed"))
+        assert sorted(whole) == list(range(1, LAST + 1)), precision
+        assert sorted(resumed) == list(range(SAVE_AT + 1, LAST + 1)), precision
+        for step in resumed:  # loss and consumed samples, bitwise
+            assert resumed[step] == whole[step], f"{precision}, step {step}: {resumed[step]} vs {whole[step]}"

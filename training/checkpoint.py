@@ -41,12 +41,20 @@ def model_shape(cfg, tp: int) -> dict:
 
 
 def check_same_model(saved: dict, current: dict, directory: Path) -> None:
-    """Refuse a checkpoint of another model; the padded vocabulary may differ (it depends on TP)."""
+    """Refuse a checkpoint of another model. The padded vocabulary counts: its extra rows' logits
+    enter the softmax, so a model with other padding is another function (pin
+    model.padded_vocab_size, as BLOOM pins 250880, to move a checkpoint between TP sizes)."""
     for key in ("hidden_size", "num_layers", "num_heads", "vocab_size", "ffn_hidden_size"):
         if saved.get(key) != current[key]:
             raise ConfigError(
                 f"checkpoint {directory} holds a model with {key}={saved.get(key)} but this config "
                 f"builds {key}={current[key]}: the model shape cannot change on resume")
+    rows = saved.get("padded_vocab_size")
+    if rows is not None and rows != current["padded_vocab_size"]:
+        raise ConfigError(
+            f"checkpoint {directory} has {rows} vocabulary rows but this config builds "
+            f"{current['padded_vocab_size']} (model.padded_vocab_size, or the vocabulary padded to a "
+            f"multiple of 128 x TP): set model.padded_vocab_size={rows} to continue the same model")
 
 
 class Checkpointer:
@@ -93,7 +101,7 @@ class Checkpointer:
         if self._zero3():
             targets = zero.fp32_partitioned_groups_flat
         elif self._zero():
-            targets = zero.single_partition_of_fp32_groups
+            targets = _flat_fp32_partitions(zero)
         else:
             targets = [p for _, p in self.params]
         for tensor in targets:
@@ -303,6 +311,15 @@ class Checkpointer:
         for key, value in saved.items():
             if scaler is not None and hasattr(scaler, key):
                 setattr(scaler, key, value)
+
+
+def _flat_fp32_partitions(zero) -> list:
+    """The flat fp32 partitions Adam steps on. DeepSpeed's ZeRO-1/2 optimizer calls them
+    single_partition_of_fp32_groups; in bf16 with fp32 gradient accumulation at ZeRO-1 (BLOOM-176B's
+    recipe) DeepSpeed runs its BF16_Optimizer instead, which calls them fp32_groups_flat_partition."""
+    if hasattr(zero, "single_partition_of_fp32_groups"):
+        return zero.single_partition_of_fp32_groups
+    return zero.fp32_groups_flat_partition
 
 
 def rng_state(engine) -> dict:

@@ -75,6 +75,15 @@ def total_train_samples(cfg, schedule) -> int:
     return consumed
 
 
+def build_run_data(cfg, schedule):
+    """The run's datasets, sized for every sample its training and evaluations will read (their
+    sample order depends on the sizes asked for, so a test rebuilding a run's batches calls this)."""
+    train = total_train_samples(cfg, schedule)
+    evals = (train // (cfg.trainer.eval_interval * cfg.trainer.global_batch_size) + 1)
+    valid = evals * cfg.trainer.eval_iters * cfg.trainer.global_batch_size
+    return build_datasets(cfg.data, train, valid_samples=valid)
+
+
 def device_for_rank() -> torch.device:
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -99,7 +108,7 @@ class Trainer:
         self.device = device_for_rank()
         self.schedule = batch_schedule(cfg, layout.dp)
         self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.data = self._build_data()
+        self.data = build_run_data(cfg, self.schedule)
         self.engine = BloomEngine(cfg, layout, self.schedule.global_batch(0), self.device)
         seed_everything(cfg.trainer.seed)
         self.state = LoopState()
@@ -141,13 +150,6 @@ class Trainer:
             path = self.checkpointer.save(self.state)
             self.saved_at = self.state.iteration
             self._say(f"saved checkpoint {path}")
-
-    def _build_data(self):
-        cfg = self.cfg
-        train = total_train_samples(cfg, self.schedule)
-        evals = (train // (cfg.trainer.eval_interval * cfg.trainer.global_batch_size) + 1)
-        valid = evals * cfg.trainer.eval_iters * cfg.trainer.global_batch_size
-        return build_datasets(cfg.data, train, valid_samples=valid)
 
     # -- the loop ---------------------------------------------------------------------------
 
