@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from data.data_report import write_data_report
 from data.datasets import build_datasets
 from data.sampler import build_eval_loader, iter_global_batches
 from parallelism.deepspeed_engine import BloomEngine
@@ -109,6 +110,9 @@ class Trainer:
         self.schedule = batch_schedule(cfg, layout.dp)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.data = build_run_data(cfg, self.schedule)
+        if self.rank0:  # what each split blends and what was left out, beside the run's results
+            Path(cfg.trainer.run_dir).mkdir(parents=True, exist_ok=True)
+            write_data_report(Path(cfg.trainer.run_dir) / "data.json", self.data)
         self.engine = BloomEngine(cfg, layout, self.schedule.global_batch(0), self.device)
         seed_everything(cfg.trainer.seed)
         self.state = LoopState()
