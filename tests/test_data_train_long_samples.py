@@ -18,3 +18,10 @@ def test_bloom_train_trains_two_steps_at_seq_2048_on_the_shipped_corpus(tmp_path
     assert [r["step"] for r in records if "lm_loss" in r] == [1, 2]
     assert [r["step"] for r in records if "valid_loss" in r] == [1, 2]
     assert "left out of the valid split" in result.stderr
+    report = json.loads((run_dir / "data.json").read_text())
+    assert report["seq_length"] == 2048 and report["left_out"]
+    assert all(x["tokens"] < x["need"] == 2049 for x in report["left_out"])
+    for split in ("train", "valid"):  # each dataset is in the split's blend or left out of it, not both
+        kept = {e["name"] for e in report["splits"][split]}
+        dropped = {x["dataset"] for x in report["left_out"] if x["split"] == split}
+        assert not kept & dropped and len(kept | dropped) == 40, split
