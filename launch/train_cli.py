@@ -51,7 +51,7 @@ def dry_run(cfg) -> int:
 
 def launch(cfg, argv) -> int:
     """Join the job in the environment, or start the local processes the config asks for."""
-    from training.config_checks import procs_per_node
+    from training.config_checks import procs_per_node, validate
 
     env = distributed_env()
     if env is not None:
@@ -60,6 +60,7 @@ def launch(cfg, argv) -> int:
         return fail(f"launcher.nodes={cfg.launcher.nodes} needs a cluster launcher: "
                     "submit it with bloom-slurm, or start it under torchrun or srun")
     elif not cfg.trainer.dry_run and procs_per_node(cfg) > 1:
+        validate(cfg, trains_here=True)  # one line here, not one traceback per rank
         return relaunch_with_torchrun(procs_per_node(cfg), argv,
                                       log_dir=os.path.join(cfg.trainer.run_dir, "logs", "ranks"))
     if cfg.trainer.dry_run:

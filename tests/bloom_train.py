@@ -57,3 +57,21 @@ def step_losses(run_dir) -> dict:
         if "lm_loss" in record:
             out[record["step"]] = (record["lm_loss"], record["consumed_samples"])
     return out
+
+
+def run_trainer(overrides: list):
+    """The Trainer `bloom-train` runs, in this process of a job (tests/multiprocess.py): for tests
+    that look inside the running model afterwards, or start several runs in one launch."""
+    import torch.distributed as dist
+
+    from training.config_checks import validate
+    from training.config_loader import load_config
+    from training.train import Trainer
+
+    cfg = load_config(overrides)
+    trainer = Trainer(cfg, validate(cfg, dist.get_world_size(), trains_here=True))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return trainer

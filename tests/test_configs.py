@@ -153,13 +153,6 @@ def test_precision_support_forced_both_ways(monkeypatch):
         validate(load_config(["trainer.precision=bf16"]), trains_here=True)
 
 
-def test_precision_checked_only_where_this_process_trains(monkeypatch, single_process):
-    """A rank of a run (it has joined a process group) checks this machine's device."""
-    monkeypatch.setenv(FORCE_ENV, "fp16=no")
-    with pytest.raises(ConfigError, match="trainer.precision=fp16 is not supported on this device"):
-        validate(load_config(["trainer.precision=fp16"]))
-
-
 def test_cluster_validation_ignores_this_device(monkeypatch, tmp_path):
     """bloom-slurm and dry runs validate for the cluster's GPUs: fp16 unsupported here is no reason
     to refuse BigScience's fp16 runs."""
@@ -170,11 +163,14 @@ def test_cluster_validation_ignores_this_device(monkeypatch, tmp_path):
     assert bloom_train(["experiment=bloom-1b7", "trainer.dry_run=true", f"trainer.run_dir={tmp_path}"]) == 0
 
 
-def test_bloom_train_refuses_unsupported_precision_in_one_line(tmp_path):
-    """The real command, not a dry run: refused before any model or DeepSpeed engine is built."""
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "torchrun-relaunch"])
+def test_bloom_train_refuses_unsupported_precision_in_one_line(tmp_path, processes):
+    """The real command, not a dry run: refused before any model or DeepSpeed engine is built, and
+    with several local processes before torchrun starts them (not one traceback per rank)."""
     env = dict(os.environ, **{FORCE_ENV: "fp16=no"})
     proc = subprocess.run([sys.executable, "-m", "launch.train_cli", "trainer.precision=fp16",
-                           f"trainer.run_dir={tmp_path}"], capture_output=True, text=True, timeout=300, env=env)
+                           f"launcher.nproc_per_node={processes}", f"trainer.run_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"bloom-train: error: trainer.precision=fp16 is not supported on this device (forced by {FORCE_ENV}); "

@@ -256,25 +256,64 @@ def test_export_refuses_an_existing_output_and_a_missing_checkpoint(imported, ex
 
 # -- a checkpoint the trainer saved at TP2 x PP2 ----------------------------------------------------
 
+PROBE_TOKENS = (2, 24)  # the tokens both the running model and the export are asked about
+
+
+def probe_tokens(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, PROBE_TOKENS, generator=torch.Generator().manual_seed(3))
+
+
+@torch.no_grad()
+def running_model_logits(engine, tokens: torch.Tensor, hidden_size: int):
+    """Logits of the live pipeline engine, stage by stage (send/recv), gathered over TP on the
+    last stage: what the TP x PP training model computes right now, not a rebuild from files."""
+    from megatron.core import parallel_state as ps
+
+    module = engine.module.eval()
+    pp_rank, pp = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
+    x = tokens
+    if pp_rank > 0:
+        x = torch.empty(*tokens.shape, hidden_size)
+        torch.distributed.recv(x, src=ps.get_pipeline_model_parallel_prev_rank())
+    out = module(x)
+    if pp_rank < pp - 1:
+        torch.distributed.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+        return None
+    shards = [torch.empty_like(out) for _ in range(ps.get_tensor_model_parallel_world_size())]
+    torch.distributed.all_gather(shards, out.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(shards, dim=-1)  # (B, T, vocab/TP) x TP -> (B, T, vocab)
+
+
+def _train_tp2_pp2_and_probe(rank, overrides, out):
+    from tests.bloom_train import run_trainer
+
+    trainer = run_trainer(overrides)
+    cfg = trainer.cfg
+    logits = running_model_logits(trainer.engine, probe_tokens(cfg.model.vocab_size), cfg.model.hidden_size)
+    if logits is not None and trainer.engine.tp.rank == 0:
+        torch.save(logits, out)
+
+
 def test_export_from_tp2_pp2_training_matches_the_training_model(tmp_path, data_cache, capsys, monkeypatch):
-    """bloom-train at TP2 x PP2 saves its checkpoint as four TP x PP shards (the embedding on both
-    end stages); the export merges them. HF's logits on the export equal our model's on the
-    checkpoint's merged weights, and the model card carries the run's facts."""
+    """bloom-train's trainer at TP2 x PP2 (4 processes) saves its checkpoint as four TP x PP shards
+    (the embedding on both end stages); bloom-export merges them. HF's fp32 logits on the export
+    equal the logits the running TP2 x PP2 model computes after its last optimizer step, gathered
+    from its stages (an independent reference: a wrong merge, a swapped shard or a lost update
+    would show), and the model card carries the run's facts."""
     from transformers import BloomForCausalLM
 
+    from parallelism.topology import Layout
+    from tests.multiprocess import run_processes
     from training.checkpoint_files import resolve_latest
-    from training.hf_self_check import training_model_logits
-    from training.saved_model import open_checkpoint, read_model_tensors
+    from training.saved_model import open_checkpoint
 
+    run = tmp_path / "run"
+    overrides = TINY_RUN + [f"trainer.run_dir={run}", f"data.cache_dir={data_cache}", "parallel.tp=2",
+                            "parallel.pp=2", "trainer.train_iters=2", "trainer.save_interval=2"]
+    run_processes(_train_tp2_pp2_and_probe, Layout(2, 2, 1), overrides, str(tmp_path / "running.pt"))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)  # left by in-process groups of earlier tests
-    run = tmp_path / "run"
-    result = bloom_train(TINY_RUN + [f"trainer.run_dir={run}", f"data.cache_dir={data_cache}",
-                                     "launcher.nproc_per_node=4", "parallel.tp=2", "parallel.pp=2",
-                                     "trainer.train_iters=2", "trainer.save_interval=2"])
-    latest = resolve_latest(run / "checkpoints")
-    assert result.returncode == 0 and latest is not None, \
-        "bloom-train at TP2 x PP2 did not produce a checkpoint:\n" + result.stderr[-3000:]
+    assert resolve_latest(run / "checkpoints") is not None
     directory, manifest, shape = open_checkpoint(run / "checkpoints")
     assert manifest["saved_layout"] == {"tp": 2, "pp": 2, "dp": 1}
     assert len([f for f in manifest["files"] if f.startswith("model/")]) == 4
@@ -282,12 +321,12 @@ def test_export_from_tp2_pp2_training_matches_the_training_model(tmp_path, data_
     status, out, err = run_cli(export_cli.main, [run / "checkpoints", "--out", tmp_path / "hf", "--dtype", "fp32"], capsys)
     assert status == 0, err
     assert "self-check: logits max abs diff" in out
-    tokens = torch.randint(0, shape["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(3))
-    ours = training_model_logits(read_model_tensors(directory, shape), shape, tokens)
+    running = torch.load(tmp_path / "running.pt")
     hf = BloomForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     with torch.no_grad():
-        assert (ours - hf(tokens).logits).abs().max().item() < LOGITS_ATOL
-    assert hf.config.vocab_size == shape["padded_vocab_size"]  # every padded row kept
+        exported = hf(probe_tokens(shape["vocab_size"])).logits
+    assert running.shape == exported.shape == (*PROBE_TOKENS, shape["padded_vocab_size"])
+    assert (running - exported).abs().max().item() < LOGITS_ATOL
     card = (tmp_path / "hf" / "README.md").read_text()
     assert "| iterations | 2 |" in card and "| parallel layout (TP x PP x DP) | 2 x 2 x 1 |" in card
     assert "| lm_loss | 2 |" in card and "- en" in card  # metrics.jsonl and the data blend were found
@@ -295,28 +334,31 @@ def test_export_from_tp2_pp2_training_matches_the_training_model(tmp_path, data_
 
 def test_bloom_train_continues_an_import_at_tp2_pp2(hf_dir, imported, tmp_path, monkeypatch):
     """An imported HF model continued by bloom-train at TP2 x PP2 (4 processes): it resumes from
-    the import, trains, and saves. Its first step runs at lr 0 (the warmup's first step, as in
-    Megatron), so the weights it saves, exported back, must be the HF weights bit for bit: the
-    import's layout-free checkpoint went through TP/PP sharding, the engine, Adam and the save."""
+    the import, trains, and saves. Its first step's loss is HF's own loss on that batch (relative
+    1e-5): the TP2 x PP2 model computes the imported function. That step runs at lr 0 (the warmup's
+    first step, as in Megatron), so the weights it saves, exported back, must be the HF weights bit
+    for bit: the import went through TP/PP sharding, the engine, Adam and the save."""
     from training.hf_export import export_checkpoint
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)  # left by in-process groups of earlier tests
     run = tmp_path / "run"
-    result = bloom_train([
+    args = [
         "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
-        f"model.vocab_size={TOKENIZER_VOCAB}", f"model.padded_vocab_size={ROWS}", "data.seq_length=32", "trainer.micro_batch_size=2",
-        "trainer.global_batch_size=4", "logging.log_interval=1", "logging.tensorboard=false",
-        "optim.warmup_samples=8", "trainer.train_iters=1",
+        f"model.vocab_size={TOKENIZER_VOCAB}", f"model.padded_vocab_size={ROWS}", "data.seq_length=32",
+        "trainer.micro_batch_size=2", "trainer.global_batch_size=4", "logging.log_interval=1",
+        "logging.tensorboard=false", "optim.warmup_samples=8", "trainer.train_iters=1",
         "data.corpus=[data/corpora/udhr/en.jsonl,data/corpora/udhr/fr.jsonl]",
         f"data.tokenizer.path={imported / 'tokenizer'}", f"data.cache_dir={tmp_path / 'data'}",
-        f"trainer.resume={imported}", f"trainer.run_dir={run}",
-        "launcher.nproc_per_node=4", "parallel.tp=2", "parallel.pp=2"])
+        f"trainer.resume={imported}", f"trainer.run_dir={run}"]
+    result = bloom_train(args + ["launcher.nproc_per_node=4", "parallel.tp=2", "parallel.pp=2"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {imported} at iteration 0" in result.stdout
     assert "new layout: weights and optimizer state reshaped" in result.stdout
     step = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][0]
-    assert step["step"] == 1 and step["lr"] == 0.0 and 0 < step["lm_loss"] < 10
+    assert step["step"] == 1 and step["lr"] == 0.0
+    expected = hf_loss_on_first_batch(hf_dir, args)
+    assert abs(step["lm_loss"] - expected) / expected < 1e-5, (step["lm_loss"], expected)
 
     out = export_checkpoint(run / "checkpoints", tmp_path / "hf", "fp32").directory
     original = load_file(str(hf_dir / "model.safetensors"))
@@ -325,3 +367,29 @@ def test_bloom_train_continues_an_import_at_tp2_pp2(hf_dir, imported, tmp_path, 
     assert set(back) == set(original)
     for name, tensor in original.items():
         assert torch.equal(back[name], tensor), name
+
+
+def hf_loss_on_first_batch(hf_dir: Path, args: list) -> float:
+    """HF BloomForCausalLM's own loss (its logits, torch's cross entropy) on the micro-batches of
+    the run's first global batch, as the run's data pipeline hands them out, averaged like the
+    run's lm_loss (the mean of the micro-batches' masked token means)."""
+    import torch.nn.functional as F
+    from transformers import BloomForCausalLM
+
+    from data.sampler import iter_global_batches
+    from training.config_checks import batch_schedule
+    from training.config_loader import load_config
+    from training.train import build_run_data
+
+    cfg = load_config(args)
+    schedule = batch_schedule(cfg, 1)
+    _, micro_batches = next(iter_global_batches(build_run_data(cfg, schedule).train, schedule, 0, 0))
+    hf = BloomForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    losses = []
+    with torch.no_grad():
+        for batch in micro_batches:
+            logits = hf(batch["tokens"]).logits
+            token_losses = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
+            mask = batch["loss_mask"].flatten().float()
+            losses.append(((token_losses * mask).sum() / mask.sum()).item())
+    return sum(losses) / len(losses)

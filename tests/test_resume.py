@@ -7,10 +7,9 @@ its checksum and the previous one used; a checkpoint of another model shape is r
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
 
 from parallelism.topology import Layout
-from tests.bloom_train import TINY_RUN, bloom_train, data_cache, step_losses  # noqa: F401
+from tests.bloom_train import TINY_RUN, bloom_train, data_cache, run_trainer, step_losses  # noqa: F401
 from tests.multiprocess import run_processes
 
 DROPOUT = ["model.hidden_dropout=0.1", "model.attention_dropout=0.1"]
@@ -85,20 +84,6 @@ def test_corrupt_checkpoint_falls_back_and_shape_change_is_refused(tmp_path, dat
 SAVE_AT, LAST = 3, 6
 
 
-def _train(overrides: list) -> None:
-    """One bloom-train run in this job's processes (the Trainer that `bloom-train` runs)."""
-    from training.config_checks import validate
-    from training.config_loader import load_config
-    from training.train import Trainer
-
-    cfg = load_config(overrides)
-    trainer = Trainer(cfg, validate(cfg, dist.get_world_size()))
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-
-
 def _whole_and_resumed(rank, layout, cache, tmp):
     """For fp32 and bf16: an uninterrupted run to LAST, then a new run that starts from the
     first one's checkpoint at SAVE_AT (its own run directory, fresh engine and data loader) and
@@ -109,8 +94,8 @@ def _whole_and_resumed(rank, layout, cache, tmp):
                                  f"trainer.train_iters={LAST}", f"trainer.save_interval={SAVE_AT}"]
     for precision in ("fp32", "bf16"):
         whole, resumed = Path(tmp) / precision / "whole", Path(tmp) / precision / "resumed"
-        _train(base + [f"trainer.precision={precision}", f"trainer.run_dir={whole}"])
-        _train(base + [f"trainer.precision={precision}", f"trainer.run_dir={resumed}",
+        run_trainer(base + [f"trainer.precision={precision}", f"trainer.run_dir={whole}"])
+        run_trainer(base + [f"trainer.precision={precision}", f"trainer.run_dir={resumed}",
                        f"trainer.resume={whole / 'checkpoints' / f'iter_{SAVE_AT:08d}'}"])
 
 

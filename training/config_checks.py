@@ -4,9 +4,8 @@ The world size comes from the environment when a launcher (torchrun, srun) start
 otherwise from the launcher config: nodes x processes per node.
 """
 import os
-from typing import Mapping, Optional
+from typing import Mapping
 
-import torch.distributed as dist
 
 from data.batch_schedule import BatchSchedule
 from data.errors import DataError
@@ -124,18 +123,18 @@ def check_precision_here(cfg: RootConfig) -> None:
                           f"use {' or '.join(usable)}")
 
 
-def validate(cfg: RootConfig, size: int = None, trains_here: Optional[bool] = None) -> Layout:
+def validate(cfg: RootConfig, size: int = None, trains_here: bool = False) -> Layout:
     """Every check; returns the layout (with DP derived) the run will use.
 
-    trains_here: whether this process will train on this machine's device, so that the device must
-    run trainer.precision. By default, whether it has joined a job's process group: a rank of a run
-    has, while a dry run and bloom-slurm validate for a cluster's GPUs before any group exists.
+    trains_here: this process (or the local processes it starts) will train on this machine's
+    device, which must then run trainer.precision. A dry run and bloom-slurm validate for a
+    cluster's GPUs, not for the machine they run on.
     """
     size = world_size(cfg) if size is None else size
     check_model(cfg)
     layout = check_layout(cfg, size)
     batch_schedule(cfg, layout.dp)
     check_training(cfg)
-    if dist.is_initialized() if trains_here is None else trains_here:
+    if trains_here:
         check_precision_here(cfg)
     return layout

@@ -306,7 +306,7 @@ def run(cfg) -> int:
     """Train in this process (one rank of the job); returns the exit status."""
     init_process_group()
     try:
-        layout = validate(cfg, dist.get_world_size())
+        layout = validate(cfg, dist.get_world_size(), trains_here=True)
         init_model_parallel(layout)
         if dist.get_rank() == 0:
             write_resolved_config(cfg)
