@@ -2,8 +2,14 @@
 DP2 and at TP2 x PP1 x DP1 with the losses of the unreshaped continuation, and one saved at
 TP1 x PP1 x DP2 or at TP2 x PP1 x DP1 continues at TP2 x PP2 x DP2 likewise: weights and Adam moments are regathered
 and resharded. Tolerance: relative 1e-4 per step (float reordering across layouts, as in
-test_layout_parity.py; we see ~1e-7)."""
+test_layout_parity.py; we see ~1e-7).
+
+The Adam state is what makes this a continuation: the same checkpoint loaded at TP2 x PP1 x DP1
+without its optimizer files (a copy with optim/ and its manifest entries removed; the loader then
+starts Adam from zero moments and step 0) starts from the same loss but then leaves the unreshaped
+continuation by far more than the tolerance, so a reshape that lost the moments would be noticed."""
 import json
+import shutil
 
 import pytest
 import torch.distributed as dist
@@ -11,6 +17,7 @@ import torch.distributed as dist
 from parallelism.topology import Layout
 from tests.multiprocess import run_processes
 from tests.train_steps import make_engine, train
+from training import checkpoint_files
 from training.checkpoint import Checkpointer
 from training.train import LoopState
 
@@ -37,11 +44,18 @@ def _save_then_continue(rank, layout, run_dir, out):
     _dump(out, train(cfg, engine, layout, SAVE_AT, CONTINUE))
 
 
-def _load_then_continue(rank, layout, checkpoint, run_dir, out):
-    cfg, engine = make_engine(_overrides(layout, run_dir), layout)
-    state = Checkpointer(cfg, layout, engine).load(checkpoint)
-    assert state["iteration"] == SAVE_AT and not state["same_layout"]
-    _dump(out, train(cfg, engine, layout, SAVE_AT, CONTINUE))
+def _load_then_continue(rank, layout, checkpoints, run_dir, out):
+    """Each checkpoint in turn loaded into a fresh engine at `layout` and continued CONTINUE steps
+    (one launch for several loads); rank 0 writes one list of losses per checkpoint."""
+    got = []
+    for checkpoint in checkpoints:
+        cfg, engine = make_engine(_overrides(layout, run_dir), layout)
+        state = Checkpointer(cfg, layout, engine).load(checkpoint)
+        assert state["iteration"] == SAVE_AT and not state["same_layout"]
+        got.append([r["loss"] for r in train(cfg, engine, layout, SAVE_AT, CONTINUE)])
+    if dist.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump(got, f)
 
 
 def _saved(tmp_path_factory, layout: Layout):
@@ -66,18 +80,67 @@ def saved_tp2(tmp_path_factory):
     return _saved(tmp_path_factory, Layout(2, 1, 1))
 
 
-def _check(tmp_path, saved, layout: Layout):
-    checkpoint, expected = saved
+def _continue(tmp_path, checkpoints: list, layout: Layout) -> list:
     out = tmp_path / "reshaped.json"
-    run_processes(_load_then_continue, layout, layout, str(checkpoint), str(tmp_path), str(out))
-    got = json.loads(out.read_text())
+    run_processes(_load_then_continue, layout, layout, [str(c) for c in checkpoints], str(tmp_path), str(out))
+    return json.loads(out.read_text())
+
+
+def _assert_matches(got: list, expected: list) -> None:
+    assert len(got) == len(expected) == CONTINUE
     for step, (a, b) in enumerate(zip(got, expected)):
         assert abs(a - b) / abs(b) < RTOL, f"step {SAVE_AT + step}: {a} vs unreshaped {b}"
 
 
-@pytest.mark.parametrize("layout", [Layout(1, 1, 2), Layout(2, 1, 1)], ids=["tp1-pp1-dp2", "tp2-pp1-dp1"])
-def test_3d_checkpoint_continues_at(tmp_path, saved_3d, layout):
-    _check(tmp_path, saved_3d, layout)
+def _check(tmp_path, saved, layout: Layout):
+    checkpoint, expected = saved
+    _assert_matches(_continue(tmp_path, [checkpoint], layout)[0], expected)
+
+
+def _without_adam_state(checkpoint, copy):
+    """A copy of `checkpoint` as if saved without optimizer state: no optim/ files, none in the
+    manifest (so it still verifies as a complete checkpoint)."""
+    shutil.copytree(checkpoint, copy)
+    shutil.rmtree(copy / "optim")
+    manifest = json.loads((copy / checkpoint_files.MANIFEST).read_text())
+    dropped = [f for f in manifest["files"] if f.startswith("optim/")]
+    assert any(f.endswith(".safetensors") for f in dropped), "the checkpoint held no Adam moments"
+    manifest["files"] = {f: v for f, v in manifest["files"].items() if f not in dropped}
+    (copy / checkpoint_files.MANIFEST).write_text(json.dumps(manifest))
+    checkpoint_files.verify(copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def continued_3d_at_tp2(tmp_path_factory, saved_3d):
+    """One launch at TP2 x PP1 x DP1: the 3D checkpoint as saved, then (in a fresh engine) the same
+    checkpoint without its Adam state."""
+    tmp = tmp_path_factory.mktemp("3d-at-tp2")
+    stripped = _without_adam_state(saved_3d[0], tmp / f"iter_{SAVE_AT:08d}-without-adam")
+    with_adam, without_adam = _continue(tmp, [saved_3d[0], stripped], Layout(2, 1, 1))
+    return with_adam, without_adam
+
+
+def test_3d_checkpoint_continues_at_tp1_pp1_dp2(tmp_path, saved_3d):
+    _check(tmp_path, saved_3d, Layout(1, 1, 2))
+
+
+def test_3d_checkpoint_continues_at_tp2_pp1_dp1(saved_3d, continued_3d_at_tp2):
+    _assert_matches(continued_3d_at_tp2[0], saved_3d[1])
+
+
+def test_3d_checkpoint_without_adam_state_is_noticed(saved_3d, continued_3d_at_tp2):
+    expected, (real, dropped) = saved_3d[1], continued_3d_at_tp2
+    # The same weights were loaded: the first continued step (before any update) agrees...
+    assert abs(dropped[0] - expected[0]) / abs(expected[0]) < RTOL
+    # ...but Adam restarted from zero moments (and step 0) moves them elsewhere: the check every
+    # real reshape passes fails, the losses leaving the unreshaped continuation by well over the
+    # tolerance (we see 2e-4 then 5e-4; the real reshape, ~1e-7 or exactly 0).
+    with pytest.raises(AssertionError, match="vs unreshaped"):
+        _assert_matches(dropped, expected)
+    gaps = [abs(a - b) / abs(b) for a, b in zip(dropped, expected)]
+    assert max(gaps[1:]) > 2 * RTOL, f"without the Adam state, relative gaps {gaps}"
+    _assert_matches(real, expected)
 
 
 @pytest.mark.parametrize("saved", ["saved_dp2", "saved_tp2"], ids=["from-tp1-pp1-dp2", "from-tp2-pp1-dp1"])
