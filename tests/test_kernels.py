@@ -1,7 +1,12 @@
 """Every kernel backend present computes eager's function: attention with ALiBi + causal mask, and
 bias + GeLU, forward and backward, in fp32 and bf16; and a whole model on each backend gives
 eager's logits. Tolerances: fp32 1e-5 absolute (reordered sums only); bf16 against the fp32 eager
-reference 3e-2 absolute (bf16 keeps 8 bits of mantissa: ~4e-3 relative per rounding)."""
+reference 3e-2 absolute (bf16 keeps 8 bits of mantissa: ~4e-3 relative per rounding).
+
+On a GPU the same checks run per backend on CUDA against the CPU's fp32 eager reference (TF32
+off): attention, bias + GeLU (torch.compile'd for torch, flex and apex: Triton kernels there) and
+a whole model's logits, which is where apex's FusedLayerNorm is used. The whole-model logits on
+CUDA get 1e-4 (two blocks of GPU reductions in another order, against a CPU reference)."""
 import pytest
 import torch
 
@@ -10,7 +15,24 @@ from training.kernels import (KernelUnavailable, available_backends, bias_gelu_e
 
 CPU = torch.device("cpu")
 BACKENDS = [b for b in available_backends(CPU) if b != "eager"]
+GPU_BACKENDS = ["eager", "torch", "flex", "apex"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def cuda_without_tf32():
+    """The CUDA device, TF32 off for the test (it would change fp32 matmuls on the GPU; the
+    reference is exact fp32), the previous settings restored after; skips a backend not present."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def _skip_unless_present(backend, device):
+    if backend not in available_backends(device):
+        pytest.skip(f"{backend} is not installed here (apex needs NVIDIA apex with its CUDA extensions)")
 
 
 def _attention_inputs(heads=6, seq=33, head_dim=16):
@@ -47,47 +69,83 @@ def test_attention_matches_eager(backend, dtype):
     _check_attention(backend, dtype, CPU)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("backend", ["eager", "torch", "flex", "apex"])
-def test_attention_matches_eager_on_gpu(backend, dtype):
-    cuda = torch.device("cuda")
-    if backend not in available_backends(cuda):
-        pytest.skip(f"{backend} not installed")
-    # TF32 would change fp32 matmuls on the GPU; the reference is exact fp32.
-    torch.backends.cuda.matmul.allow_tf32 = False
-    _check_attention(backend, dtype, cuda)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_attention_matches_eager_on_gpu(cuda_without_tf32, backend, dtype):
+    _skip_unless_present(backend, cuda_without_tf32)
+    _check_attention(backend, dtype, cuda_without_tf32)
+
+
+def _check_bias_gelu(backend, dtype, device):
+    torch.manual_seed(0)
+    x, bias = torch.randn(4, 7, 64) * 3, torch.randn(64)
+    ref = bias_gelu_eager(x, bias)
+    xs = x.to(device, dtype).requires_grad_()
+    bs = bias.to(device, dtype).requires_grad_()
+    out = select_kernels(backend, device).bias_gelu(xs, bs)
+    out.float().sum().backward()
+    x.requires_grad_(), bias.requires_grad_()
+    bias_gelu_eager(x, bias).sum().backward()
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.float().cpu(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(xs.grad.float().cpu(), x.grad, atol=tol, rtol=tol)
+    torch.testing.assert_close(bs.grad.float().cpu(), bias.grad, atol=tol * 16, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bias_gelu_matches_eager(backend, dtype):
-    torch.manual_seed(0)
-    x, bias = torch.randn(4, 7, 64) * 3, torch.randn(64)
-    ref = bias_gelu_eager(x, bias)
-    xs, bs = x.to(dtype).requires_grad_(), bias.to(dtype).requires_grad_()
-    out = select_kernels(backend, CPU).bias_gelu(xs, bs)
-    out.float().sum().backward()
-    x.requires_grad_(), bias.requires_grad_()
-    bias_gelu_eager(x, bias).sum().backward()
-    tol = TOL[dtype]
-    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
-    torch.testing.assert_close(xs.grad.float(), x.grad, atol=tol, rtol=tol)
-    torch.testing.assert_close(bs.grad.float(), bias.grad, atol=tol * 16, rtol=tol)
+    _check_bias_gelu(backend, dtype, CPU)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_bias_gelu_matches_eager_on_gpu(cuda_without_tf32, backend, dtype):
+    _skip_unless_present(backend, cuda_without_tf32)
+    _check_bias_gelu(backend, dtype, cuda_without_tf32)
+
+
+TINY_MODEL = dict(hidden_size=48, num_layers=2, num_heads=6, vocab_size=256, init_std=0.05,
+                  hidden_dropout=0.0, attention_dropout=0.0)
+
+
+def _model(backend, device):
+    from training.config_schema import ModelConfig
+    from training.model import build_model
+
+    # Built on the CPU from one seed whatever the device (use_cpu_initialization): same weights.
+    return build_model(ModelConfig(**TINY_MODEL, kernels=backend), seed=3, device=device).eval()
+
+
+@torch.no_grad()
+def _logits(model, tokens):
+    device = next(model.parameters()).device
+    return model(tokens.to(device)).float().cpu()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_model_logits_match_eager(single_process, backend):
-    from training.config_schema import ModelConfig
-    from training.model import build_model
-
-    cfg = dict(hidden_size=48, num_layers=2, num_heads=6, vocab_size=256, init_std=0.05,
-               hidden_dropout=0.0, attention_dropout=0.0)
-    eager = build_model(ModelConfig(**cfg, kernels="eager"), seed=3).eval()
-    other = build_model(ModelConfig(**cfg, kernels=backend), seed=3).eval()
     tokens = torch.randint(0, 256, (2, 20))
-    with torch.no_grad():
-        torch.testing.assert_close(other(tokens), eager(tokens), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_logits(_model(backend, CPU), tokens), _logits(_model("eager", CPU), tokens),
+                               atol=1e-5, rtol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_model_logits_match_eager_on_gpu(single_process, cuda_without_tf32, backend):
+    _skip_unless_present(backend, cuda_without_tf32)
+    model = _model(backend, cuda_without_tf32)
+    # Every LayerNorm (2 per block, the embedding's, the final) is the backend's: apex's fused one.
+    expected = select_kernels(backend, cuda_without_tf32).layer_norm
+    norms = [m for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, expected))]
+    assert len(norms) == 2 * TINY_MODEL["num_layers"] + 2 and all(type(m) is expected for m in norms)
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 256, (2, 20))
+    reference = _logits(_model("eager", CPU), tokens)
+    assert reference.abs().max() > 0.1  # logits that say something at this tolerance
+    torch.testing.assert_close(_logits(model, tokens), reference, atol=1e-4, rtol=1e-4)
 
 
 def test_flex_refuses_attention_dropout():
