@@ -1,15 +1,19 @@
 """Metrics logging (metrics.jsonl, TensorBoard, wandb offline) and the FLOPs formula.
 
 The trackers are the real libraries: TensorBoard event files are read back with TensorBoard's own
-EventAccumulator; wandb runs offline into run_dir/wandb. Nothing here goes online.
+EventAccumulator; wandb runs offline into run_dir/wandb, and its .wandb transaction logs are read
+back record by record (wandb's own protobuf Record; the framing is the LevelDB log format wandb
+writes, checksums verified) and compared with metrics.jsonl. Nothing here goes online.
 """
 import json
 import logging
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -242,26 +246,96 @@ def wandb_log_bytes(run, until, timeout=15.0):
         time.sleep(0.1)
 
 
+# The .wandb file: a 7-byte header (":W&B", magic 0xBEE1, version 0), then LevelDB-log records in
+# 32 KiB blocks: crc32 (over the type byte and the data), length, type (1 full, 2 first, 3 middle,
+# 4 last piece of a record that spans blocks), data: one serialized wandb Record each.
+WANDB_BLOCK, WANDB_RECORD_HEADER = 32768, 7
+
+
+def wandb_records(path: Path) -> list:
+    """Every Record of one .wandb file, in order (wandb 0.31 ships no Python reader of its own)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert struct.unpack("<4sHB", data[:7]) == (b":W&B", 0xBEE1, 0), f"{path}: not a .wandb log"
+    records, pending, pos = [], b"", 7
+    while pos + WANDB_RECORD_HEADER <= len(data):
+        left = WANDB_BLOCK - pos % WANDB_BLOCK
+        if left < WANDB_RECORD_HEADER:  # a block's zero-padded tail
+            pos += left
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos:pos + WANDB_RECORD_HEADER])
+        if (crc, length, kind) == (0, 0, 0):
+            break
+        chunk = data[pos + WANDB_RECORD_HEADER: pos + WANDB_RECORD_HEADER + length]
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, f"{path}: bad checksum at {pos}"
+        pos += WANDB_RECORD_HEADER + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            records.append(wandb_internal_pb2.Record.FromString(pending))
+    return records
+
+
+def wandb_history(run_dir, sessions: int, timeout=15.0) -> list:
+    """The rows the offline run logged, oldest session first, as {key: value} without wandb's
+    own "_step", "_runtime", "_timestamp"; waits (wandb-core writes on after finish() returns)
+    until each of the `sessions` folders' logs ends with its exit record."""
+    deadline = time.time() + timeout
+    while True:
+        logs = [p for run in wandb_run_dirs(run_dir) for p in sorted(run.glob("*.wandb"))]
+        records = [wandb_records(p) for p in logs]
+        done = [any(r.WhichOneof("record_type") == "exit" for r in log) for log in records]
+        if (len(done) == sessions and all(done)) or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(done) == sessions and all(done), f"{len(done)} wandb logs, finished: {done}"
+    rows = []
+    for record in (r for log in records for r in log):
+        if record.WhichOneof("record_type") == "history":
+            row = {"/".join(item.nested_key) or item.key: json.loads(item.value_json)
+                   for item in record.history.item}
+            rows.append({k: v for k, v in row.items() if not k.startswith("_")})
+    return rows
+
+
+def assert_wandb_matches_jsonl(run_dir, sessions: int) -> None:
+    """wandb holds one row per metrics.jsonl record, same step, same numeric values (its scalars:
+    bools as 0/1; strings, None and the time stamp only in the jsonl)."""
+    rows = wandb_history(run_dir, sessions)
+    records = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [r["step"] for r in records]
+    for row, record in zip(rows, records):
+        expected = {k: float(v) for k, v in record.items()
+                    if k not in ("step", "time") and isinstance(v, (int, float))}
+        assert {k: v for k, v in row.items() if k != "step"} == expected, f"step {record['step']}"
+
+
 def test_wandb_offline_run_and_resume_with_the_same_id(tmp_path):
     cfg = LoggingConfig(tensorboard=False, wandb=True, wandb_project="bloom-test")
     first = MetricsLogger(tmp_path, cfg, True, {"model": {"hidden_size": 64}})
     first_id = first._wandb.id
-    first.log(1, {**step_metrics(1), "valid/de_loss": 5.0, "dataset_tag": "zq-not-a-scalar"})
+    first.log(1, {**step_metrics(1), "valid/de_loss": 5.0, "dataset_tag": "zq-not-a-scalar",
+                  "loss_scale": np.float32(4096.0), "skipped": True, "grad_norm": torch.tensor(0.75)})
     first.close()
     runs = wandb_run_dirs(tmp_path)
     assert len(runs) == 1 and runs[0].name.endswith(first_id)
     data = wandb_log_bytes(runs[0], until=b"valid/de_loss")
     assert b"lm_loss" in data and b"valid/de_loss" in data
     assert b"dataset_tag" not in data and b"zq-not-a-scalar" not in data
+    assert_wandb_matches_jsonl(tmp_path, sessions=1)
+    assert wandb_history(tmp_path, 1)[0]["grad_norm"] == 0.75  # the tensor, as a number
 
     second = MetricsLogger(tmp_path, cfg, True, {"model": {"hidden_size": 64}})
     assert second._wandb.id == first_id
     second.log(2, step_metrics(2))
+    second.log(3, {**step_metrics(3), "valid/de_loss": 4.5})
     second.close()
     # wandb names each session's folder offline-run-<time>-<id>[-n]: both carry the one id.
     resumed = wandb_run_dirs(tmp_path)
     assert len(resumed) == 2 and all(f"-{first_id}" in p.name for p in resumed)
     assert (tmp_path / "wandb" / "run_id").read_text().strip() == first_id
+    # Read back, both sessions together hold what metrics.jsonl holds, step for step.
+    assert_wandb_matches_jsonl(tmp_path, sessions=2)
 
 
 def test_wandb_failure_warns_once_and_training_goes_on(tmp_path, monkeypatch, caplog):
