@@ -1,5 +1,7 @@
 """bloom-train on a real SLURM cluster: the one-node cluster tests/slurm/start_cluster.sh runs on
-this machine (Debian's slurm-wlm + munge). Skipped, with the reason, where there is none.
+this machine (Debian's slurm-wlm + munge). Skipped, with the reason, where there is none; but in CI
+(CI=true in the environment, as CI services set it) a test cluster that cannot be had is a failure,
+not a skip: .ci/run starts one there, and the SLURM tests must run.
 
 Only that cluster is used: a SLURM client that talks to any other cluster (a real one, on a login
 node) gets no test jobs.
@@ -47,22 +49,128 @@ def _node_ready():
     return result.returncode == 0 and result.stdout.split()[:1] in (["idle"], ["mix"])
 
 
-@pytest.fixture(scope="module")
-def slurm_cluster():
+def in_ci(environ=os.environ) -> bool:
+    """CI services (GitHub Actions, GitLab CI, ...) set CI=true."""
+    return environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+def no_cluster(reason: str, environ=os.environ):
+    """The SLURM tests cannot run here: a skip with the reason, or under CI a failure."""
+    if in_ci(environ):
+        pytest.fail(f"CI=true, and {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def ensure_test_cluster() -> str:
+    """The one-node test cluster's name once it answers, started if need be (no_cluster if not)."""
     if not shutil.which("sbatch"):
-        pytest.skip("sbatch is not on PATH: `apt-get install -y slurm-wlm munge` and "
-                    "`tests/slurm/start_cluster.sh` (as root) to run the SLURM tests")
+        no_cluster("sbatch is not on PATH: `apt-get install -y slurm-wlm munge` and "
+                   "`tests/slurm/start_cluster.sh` (as root) to run the SLURM tests")
     name = _cluster_name()
     if name not in (None, TEST_CLUSTER):
-        pytest.skip(f"this SLURM client reaches cluster {name!r}, not the one-node test cluster "
-                    f"{TEST_CLUSTER!r}: no test jobs are sent to it")
+        no_cluster(f"this SLURM client reaches cluster {name!r}, not the one-node test cluster "
+                   f"{TEST_CLUSTER!r}: no test jobs are sent to it")
     if name is None or not _node_ready():
         # Idempotent, and refuses to replace a slurm.conf it did not write.
         result = _run(str(START), timeout=90)
         if result.returncode != 0:
             lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
-            pytest.skip(f"the one-node SLURM cluster cannot start: {lines[-1]}")
+            no_cluster(f"the one-node SLURM cluster cannot start: {lines[-1]}")
     return TEST_CLUSTER
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    return ensure_test_cluster()
+
+
+# ---- the decision, without a cluster: skip here, fail under CI ---------------------------------
+
+def assert_outcome(expected, reason: str, call) -> None:
+    """call() ends in a pytest skip or failure: the expected one, naming the reason. (Caught
+    either way, so that a wrong skip fails this test rather than skipping it.)"""
+    with pytest.raises((pytest.fail.Exception, pytest.skip.Exception)) as raised:
+        call()
+    got = raised.value
+    assert isinstance(got, expected), f"{type(got).__name__} ({got.msg}), expected {expected.__name__}"
+    assert reason in got.msg
+    assert got.msg.startswith("CI=true, and ") == (expected is pytest.fail.Exception)
+
+
+@pytest.mark.parametrize("ci,fails", [("true", True), ("TRUE", True), ("1", True), (None, False),
+                                      ("false", False), ("", False)])
+def test_no_cluster_fails_under_ci_and_skips_elsewhere(monkeypatch, ci, fails):
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    # A machine where the cluster does not start: no controller answers, start_cluster.sh fails.
+    monkeypatch.setattr(shutil, "which", lambda cmd: f"/usr/bin/{cmd}")
+    calls = []
+
+    def fake_run(*command, timeout=60):
+        calls.append(command)
+        if command[0] == str(START):
+            return subprocess.CompletedProcess(command, 1, "", "start_cluster.sh: error: slurmd died\n")
+        return subprocess.CompletedProcess(command, 1, "", "Unable to contact slurm controller")
+
+    monkeypatch.setattr(sys.modules[__name__], "_run", fake_run)
+    outcome = pytest.fail.Exception if fails else pytest.skip.Exception
+    assert_outcome(outcome, "the one-node SLURM cluster cannot start: "
+                            "start_cluster.sh: error: slurmd died", ensure_test_cluster)
+    assert (str(START),) in calls  # it did try to start the cluster
+    # No sbatch at all: the same decision.
+    monkeypatch.setattr(shutil, "which", lambda cmd: None)
+    assert_outcome(outcome, "sbatch is not on PATH", ensure_test_cluster)
+
+
+def test_no_cluster_is_decided_by_ci_alone():
+    for environ, expected in [({"CI": "true"}, pytest.fail.Exception), ({}, pytest.skip.Exception),
+                              ({"CI": "no"}, pytest.skip.Exception)]:
+        assert_outcome(expected, "some reason", lambda: no_cluster("some reason", environ))
+
+
+CI_STUBS = {  # commands .ci/run calls, each a script printing its name and arguments
+    "id": 'echo 0',  # root
+    "apt-get": 'echo "apt-get $*"',
+    "sbatch": 'true',
+    "python3": 'mkdir -p .venv/bin && printf "pip() { :; }\\npython() { echo PYTEST-RAN; }\\n" > .venv/bin/activate',
+}
+
+
+def _ci_run(tmp_path, start_ok: bool, ci):
+    """.ci/run in a copy of its tree with stub commands: start_cluster.sh succeeds or fails."""
+    tree = tmp_path / ("ok" if start_ok else "fails") / str(ci)
+    (tree / ".ci").mkdir(parents=True)
+    shutil.copy(REPO / ".ci" / "run", tree / ".ci" / "run")
+    start = tree / "tests" / "slurm" / "start_cluster.sh"
+    start.parent.mkdir(parents=True)
+    start.write_text("#!/bin/sh\n" + ("echo started\n" if start_ok else
+                                       "echo 'start_cluster.sh: error: slurmd died' >&2; exit 1\n"))
+    bin_dir = tree / "bin"
+    bin_dir.mkdir()
+    for name, body in CI_STUBS.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+    for path in [start, *bin_dir.iterdir()]:
+        path.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    if ci is not None:
+        env["CI"] = ci
+    return subprocess.run(["bash", str(tree / ".ci" / "run")], cwd=tree, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("ci", ["true", None], ids=["CI=true", "no-CI"])
+def test_ci_run_fails_when_the_cluster_cannot_start_under_ci(tmp_path, ci):
+    failed = _ci_run(tmp_path, start_ok=False, ci=ci)
+    if ci == "true":
+        assert failed.returncode != 0 and "PYTEST-RAN" not in failed.stdout
+        assert "SLURM test cluster did not start" in failed.stderr, failed.stderr
+    else:
+        assert failed.returncode == 0, failed.stderr
+        assert "tests/test_launch_slurm.py will skip" in failed.stdout and "PYTEST-RAN" in failed.stdout
+    started = _ci_run(tmp_path, start_ok=True, ci=ci)
+    assert started.returncode == 0 and "started" in started.stdout and "PYTEST-RAN" in started.stdout
 
 
 def job_env():
