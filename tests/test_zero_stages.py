@@ -3,7 +3,7 @@ checkpoints move to and from other stages and layouts with the optimizer state.
 
 The model is wider than elsewhere (hidden 256) so that ZeRO-3 really partitions its weights: it
 keeps a parameter whole on every rank below 100,000 elements (DeepSpeed's persistence threshold),
-which every tensor of the hidden-64 test model is. Runs: a ZeRO-3 run at TP2 x DP2 and a ZeRO-2
+which every block weight of the hidden-128 demo model is. Runs: a ZeRO-3 run at TP2 x DP2 and a ZeRO-2
 run at DP2, each saved after step 3 and continued to step 6; the ZeRO-3 checkpoint continued at DP2
 ZeRO-1, the ZeRO-2 one at TP2 x DP2 ZeRO-3. Every loss is compared with an uninterrupted
 single-process run (relative 1e-4, float reordering across layouts; we see ~1e-7), and so is every
