@@ -12,6 +12,13 @@ import warnings
 # megatron-core warns on import when NVIDIA's optional fused packages are absent; that is expected
 # on CPU and would bury the one line a user needs to read.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+# Likewise DeepSpeed warns on import that it found no GPU and uses its CPU accelerator: on a machine
+# without CUDA that is the plan, not news. Naming the accelerator keeps its console quiet.
+if "DS_ACCELERATOR" not in os.environ:
+    import torch  # noqa: E402
+
+    if not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 

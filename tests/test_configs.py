@@ -172,6 +172,7 @@ def test_bloom_train_refuses_unsupported_precision_in_one_line(tmp_path, process
                            f"launcher.nproc_per_node={processes}", f"trainer.run_dir={tmp_path}"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2
+    assert proc.stdout.strip() == ""  # nothing above the error either (DeepSpeed's logger uses stdout)
     assert proc.stderr.strip().splitlines() == [
         f"bloom-train: error: trainer.precision=fp16 is not supported on this device (forced by {FORCE_ENV}); "
         "use bf16 or fp32"]
