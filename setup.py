@@ -20,7 +20,8 @@ setup(
     version="0.1.0",
     description="Pretrain the BLOOM family with 3D parallelism (Megatron TP, DeepSpeed PP + ZeRO DP)",
     python_requires=">=3.11,<3.12",
-    packages=["training", "parallelism", "configs", "data", "launch"],
+    packages=["training", "training.model", "training.checkpoint", "training.hf", "training.config",
+              "training.plan", "training.evaluation", "parallelism", "configs", "data", "launch"],
     package_data={"configs": package_files("configs"), "data": package_files("data")},
     install_requires=[
         # torch is pinned so pip never swaps the CPU wheel for a multi-GB CUDA build;

@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from parallelism.topology import Layout, init_model_parallel, shutdown  # noqa: E402
-from training.config_schema import ModelConfig  # noqa: E402
-from training.kernels import KernelUnavailable, available_backends, select_kernels  # noqa: E402
-from training.model import build_model  # noqa: E402
+from training.config.schema import ModelConfig  # noqa: E402
+from training.model.kernels import KernelUnavailable, available_backends, select_kernels  # noqa: E402
+from training.model.bloom import build_model  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -5,7 +5,7 @@
 
 Prints one JSON object on stdout: "overall" and "languages" (per `lang` field), each with loss
 (mean token cross entropy over every predicted token), perplexity (exp of it), tokens, sequences,
-documents. How text becomes sequences: training/eval_data.py. Any TP x PP (x DP) layout runs;
+documents. How text becomes sequences: training/evaluation/eval_data.py. Any TP x PP (x DP) layout runs;
 with launcher.nproc_per_node > 1 and no launcher around it, the command re-runs itself under
 torchrun. An HF directory is first imported to a temporary checkpoint (bloom-import). Only
 parallel.*, launcher.* and model.kernels overrides apply; the model's shape comes from the
@@ -69,7 +69,7 @@ def is_hf_dir(path: Path) -> bool:
 
 def as_checkpoint(path: str, tokenizer, workdir: Path) -> Path:
     """The checkpoint to evaluate: the path itself, or an HF directory imported under workdir."""
-    from training.hf_import import import_hf
+    from training.hf.importer import import_hf
 
     source = Path(path)
     return import_hf(source, workdir / "imported", tokenizer) if is_hf_dir(source) else source
@@ -98,9 +98,9 @@ def evaluate_rank(args, cfg) -> dict:
 
     from data.tokenizer import TokenizerInfo
     from parallelism.topology import Layout, init_model_parallel, init_process_group, shutdown
-    from training.eval_data import OVERALL, build_eval_sets, read_documents
-    from training.evaluate import build_stage, evaluate_sets
-    from training.saved_model import model_config, open_checkpoint, saved_config
+    from training.evaluation.eval_data import OVERALL, build_eval_sets, read_documents
+    from training.evaluation.evaluate import build_stage, evaluate_sets
+    from training.checkpoint.saved_model import model_config, open_checkpoint, saved_config
 
     init_process_group()
     workdir = Path(tempfile.mkdtemp(prefix=f"bloom-eval-rank{dist.get_rank()}-"))
@@ -137,13 +137,13 @@ def evaluate_rank(args, cfg) -> dict:
 
 def verify_model_files(directory: Path, manifest: dict) -> None:
     """Checksums of the model files before they are read (every rank reads them all)."""
-    from training.checkpoint_files import verify
+    from training.checkpoint.files import verify
 
     verify(directory, [f for f in manifest["files"] if f.startswith("model/")])
 
 
 def _checkpoint_tokenizer(directory: Path) -> Path:
-    from training.checkpoint_files import CheckpointError
+    from training.checkpoint.files import CheckpointError
 
     path = directory / "tokenizer"
     if not (path / "tokenizer.json").is_file():
@@ -163,7 +163,7 @@ def _device():
 
 def run_here(args, cfg) -> int:
     """This process is one rank (alone, or started by torchrun/srun); rank 0 reports."""
-    from training.hf_self_check import launcher_env_restored
+    from training.hf.self_check import launcher_env_restored
 
     with stdout_to_stderr(), launcher_env_restored():
         report = evaluate_rank(args, cfg)
@@ -181,8 +181,8 @@ def run_here(args, cfg) -> int:
 
 def check_request(checkpoint: Path, cfg, world: int) -> None:
     """The layout fits the world size and the saved model (one-line errors, no process group)."""
-    from training.evaluate import EvalLayoutError, check_layout
-    from training.saved_model import model_config, open_checkpoint
+    from training.evaluation.evaluate import EvalLayoutError, check_layout
+    from training.checkpoint.saved_model import model_config, open_checkpoint
 
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     if tp < 1 or pp < 1 or world % (tp * pp):
@@ -194,7 +194,7 @@ def check_request(checkpoint: Path, cfg, world: int) -> None:
 def relaunch(args, cfg, argv, nproc: int) -> int:
     """Run this command in nproc local processes under torchrun; print rank 0's result here."""
     from launch.local import run_forwarding_signals, torchrun_command
-    from training.eval_data import read_documents
+    from training.evaluation.eval_data import read_documents
 
     workdir = Path(tempfile.mkdtemp(prefix="bloom-eval-"))
     logs = Path(tempfile.mkdtemp(prefix="bloom-eval-ranks-"))
@@ -221,12 +221,12 @@ def main(argv=None) -> int:
         return 0
     from data.errors import DataError
     from launch.env import distributed_env, export_torch_env
-    from training.checkpoint_files import CheckpointError
-    from training.config_checks import procs_per_node
-    from training.config_loader import ConfigError, load_config
-    from training.evaluate import EvalLayoutError
-    from training.hf_import import HFFormatError
-    from training.kernels import KernelUnavailable
+    from training.checkpoint.files import CheckpointError
+    from training.config.checks import procs_per_node
+    from training.config.loader import ConfigError, load_config
+    from training.evaluation.evaluate import EvalLayoutError
+    from training.hf.importer import HFFormatError
+    from training.model.kernels import KernelUnavailable
 
     try:
         args, overrides = parse_args(argv)

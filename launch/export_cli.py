@@ -43,9 +43,9 @@ def _one_line(error: Exception) -> str:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from data.errors import DataError
-    from training.checkpoint_files import CheckpointError
-    from training.hf_export import ExportError, export_checkpoint, push_to_hub
-    from training.hf_self_check import SelfCheckFailed
+    from training.checkpoint.files import CheckpointError
+    from training.hf.export import ExportError, export_checkpoint, push_to_hub
+    from training.hf.self_check import SelfCheckFailed
 
     size = int(args.max_shard_size) if args.max_shard_size.isdigit() else args.max_shard_size
     try:

@@ -32,9 +32,9 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from data.errors import DataError
-    from training.checkpoint_files import CheckpointError
-    from training.config_loader import ConfigError
-    from training.hf_import import HFFormatError, import_hf
+    from training.checkpoint.files import CheckpointError
+    from training.config.loader import ConfigError
+    from training.hf.importer import HFFormatError, import_hf
 
     try:
         final = import_hf(args.hf_dir, args.out, args.tokenizer)

@@ -25,8 +25,8 @@ from typing import List, Optional, Sequence
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 from launch.slurm_template import TEMPLATE
-from training.config_checks import procs_per_node, validate
-from training.config_loader import ConfigError, RootConfig, load_config
+from training.config.checks import procs_per_node, validate
+from training.config.loader import ConfigError, RootConfig, load_config
 
 RDZV_PORT = 6000  # BigScience's tr11 rendezvous port
 PRE_TIMEOUT_SECONDS = 120  # SIGUSR1 this long before the time limit: time to save and exit

@@ -25,8 +25,8 @@ from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E40
 from data.errors import DataError  # noqa: E402
 from launch.env import distributed_env, export_torch_env  # noqa: E402
 from launch.local import relaunch_with_torchrun  # noqa: E402
-from training.checkpoint_files import CheckpointError  # noqa: E402
-from training.config_loader import ConfigError, load_config  # noqa: E402
+from training.checkpoint.files import CheckpointError  # noqa: E402
+from training.config.loader import ConfigError, load_config  # noqa: E402
 
 
 def fail(message: str, status: int = 2) -> int:
@@ -38,8 +38,8 @@ def dry_run(cfg) -> int:
     import torch.distributed as dist
 
     from parallelism.topology import Layout, init_model_parallel, init_process_group, shutdown
-    from training.config_checks import validate
-    from training.plan import format_plan, make_plan, write_plan
+    from training.config.checks import validate
+    from training.plan.run_plan import format_plan, make_plan, write_plan
 
     layout = validate(cfg)
     # The plan counts parameters on a meta-device model, which needs megatron's TP state (TP=1).
@@ -58,7 +58,7 @@ def dry_run(cfg) -> int:
 
 def launch(cfg, argv) -> int:
     """Join the job in the environment, or start the local processes the config asks for."""
-    from training.config_checks import procs_per_node, validate
+    from training.config.checks import procs_per_node, validate
 
     env = distributed_env()
     if env is not None:

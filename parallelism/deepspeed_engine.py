@@ -11,8 +11,8 @@ from megatron.core import parallel_state
 from parallelism.pipeline import BloomPipeline, build_topology
 from parallelism.tensor_parallel import tensor_parallel_from_state
 from parallelism.topology import Layout
-from training.kernels import select_kernels
-from training.model import build_model
+from training.model.kernels import select_kernels
+from training.model.bloom import build_model
 from training.optimizer import build_optimizer
 
 

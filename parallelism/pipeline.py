@@ -1,6 +1,6 @@
-"""BLOOM as a DeepSpeed PipelineModule: the same pieces as training/model.py, laid out as layers.
+"""BLOOM as a DeepSpeed PipelineModule: the same pieces as training/model/bloom.py, laid out as layers.
 
-Layer sequence (index = LayerSpec position, also the per-layer init seed of training/model.py):
+Layer sequence (index = LayerSpec position, also the per-layer init seed of training/model/bloom.py):
     0        word embedding (TiedLayerSpec "embed")
     1        embedding LayerNorm + embedding dropout
     2..L+1   BloomBlock 0..L-1
@@ -16,9 +16,9 @@ from torch import nn
 
 from parallelism.pipeline_partition import stage_layer_counts
 from parallelism.tensor_parallel import TensorParallel
-from training.config_schema import ModelConfig
-from training.kernels import Kernels
-from training.model import (FIRST_BLOCK_LAYER, BloomBlock, EmbeddingLayerNorm, language_model_loss,
+from training.config.schema import ModelConfig
+from training.model.kernels import Kernels
+from training.model.bloom import (FIRST_BLOCK_LAYER, BloomBlock, EmbeddingLayerNorm, language_model_loss,
                             make_word_embeddings, seeded, tied_logits)
 
 TIED_KEY = "embed"
@@ -38,7 +38,7 @@ def output_logits(embedding: WordEmbeddingPipe, hidden):
 
 
 class BlockPipe(BloomBlock):
-    """A BloomBlock initialised from its own seed, exactly as training.model.make_block builds it
+    """A BloomBlock initialised from its own seed, exactly as training.model.bloom.make_block builds it
     (LayerSpec needs a class, not a factory)."""
 
     def __init__(self, cfg, tp, kernels, seed, index):

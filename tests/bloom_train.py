@@ -64,8 +64,8 @@ def run_trainer(overrides: list):
     that look inside the running model afterwards, or start several runs in one launch."""
     import torch.distributed as dist
 
-    from training.config_checks import validate
-    from training.config_loader import load_config
+    from training.config.checks import validate
+    from training.config.loader import load_config
     from training.train import Trainer
 
     cfg = load_config(overrides)

@@ -2,7 +2,7 @@
 import torch
 from transformers import BloomConfig, BloomForCausalLM
 
-from training.config_schema import ModelConfig
+from training.config.schema import ModelConfig
 
 
 def hf_config(cfg: ModelConfig, vocab: int) -> BloomConfig:

@@ -5,8 +5,8 @@ import dataclasses
 
 import torch
 
-from training.config_schema import ModelConfig
-from training.model import build_model
+from training.config.schema import ModelConfig
+from training.model.bloom import build_model
 
 
 def _loss_and_grads(cfg: ModelConfig, tokens, labels):

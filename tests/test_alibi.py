@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
-from training.alibi import alibi_slopes, alibi_slopes_for_rank
+from training.model.alibi import alibi_slopes, alibi_slopes_for_rank
 
 HEAD_COUNTS = [1, 2, 3, 4, 6, 12, 16, 20, 32, 48, 112]
 

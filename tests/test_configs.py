@@ -13,9 +13,9 @@ from transformers import BloomConfig, BloomForCausalLM
 from launch.slurm import checked_config as bloom_slurm_config
 from launch.train_cli import main as bloom_train
 from parallelism.precision_support import FORCE_ENV, unsupported_reason
-from training.config_checks import validate, world_size
-from training.config_loader import ConfigError, load_config
-from training.plan import count_parameters_as_built, count_parameters_from_table, make_plan
+from training.config.checks import validate, world_size
+from training.config.loader import ConfigError, load_config
+from training.plan.run_plan import count_parameters_as_built, count_parameters_from_table, make_plan
 
 # BLOOM_FACTS.md: HF BloomForCausalLM parameter counts of the released models (vocab 250880).
 PUBLISHED = {

@@ -2,7 +2,7 @@
 PP2 x DP2 (4 processes under torchrun), overall and per language.
 
 The reference is computed here without any of bloom-eval's code: transformers' AutoTokenizer,
-a packing loop of its own (the rule of training/eval_data.py, written independently) and
+a packing loop of its own (the rule of training/evaluation/eval_data.py, written independently) and
 BloomForCausalLM's logits with torch's cross entropy.
 """
 import json

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from launch import export_cli, import_cli
 from tests.bloom_train import TINY_RUN, bloom_train, data_cache  # noqa: F401
 from tests.hf_reference import random_hf_model
-from training.config_schema import ModelConfig
+from training.config.schema import ModelConfig
 
 CORPUS = [Path(__file__).parent.parent / "data" / "corpora" / p
           for p in ("udhr/en.jsonl", "udhr/fr.jsonl", "code/python.jsonl")]
@@ -33,7 +33,7 @@ LOGITS_ATOL = 1e-4
 def make_hf_dir(path: Path, seed: int = 5) -> Path:
     """A random BloomForCausalLM saved by HF (safetensors) with a small BLOOM-style tokenizer."""
     from data.tokenizer_train import train_tokenizer
-    from training.hf_import import TOKENIZER_FILES
+    from training.hf.importer import TOKENIZER_FILES
 
     model = random_hf_model(ModelConfig(**SHAPE, init_std=0.02), ROWS, seed=seed)
     model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 3
@@ -71,7 +71,7 @@ def hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def imported(hf_dir, tmp_path_factory):
-    from training.hf_import import import_hf
+    from training.hf.importer import import_hf
 
     return import_hf(hf_dir, tmp_path_factory.mktemp("imported") / "checkpoints")
 
@@ -79,7 +79,7 @@ def imported(hf_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(imported, tmp_path_factory):
     """fp32 and bf16 exports of the imported checkpoint (through its checkpoints dir's `latest`)."""
-    from training.hf_export import export_checkpoint
+    from training.hf.export import export_checkpoint
 
     root = tmp_path_factory.mktemp("exported")
     return {dtype: export_checkpoint(imported.parent, root / dtype, dtype, max_shard_size="200KB")
@@ -91,7 +91,7 @@ def exported(imported, tmp_path_factory):
 def test_import_writes_a_checkpoint_bloom_train_can_resume(imported, hf_dir):
     from omegaconf import OmegaConf
 
-    from training.checkpoint_files import resolve_latest, verify
+    from training.checkpoint.files import resolve_latest, verify
 
     manifest = verify(imported)  # every checksum
     assert resolve_latest(imported.parent) == imported
@@ -159,8 +159,8 @@ def test_exported_logits_equal_the_training_model(single_process, hf_dir, export
     through hf_convert.shard_from_hf (not through our checkpoint files), HF loads the export."""
     from transformers import BloomForCausalLM
 
-    from training.hf_convert import shard_from_hf
-    from training.model import build_model, gather_logits
+    from training.hf.convert import shard_from_hf
+    from training.model.bloom import build_model, gather_logits
 
     original = load_file(str(hf_dir / "model.safetensors"))
     cfg = ModelConfig(**SHAPE, vocab_size=TOKENIZER_VOCAB, padded_vocab_size=ROWS, hidden_dropout=0.0,
@@ -180,8 +180,8 @@ def test_exported_logits_equal_the_training_model(single_process, hf_dir, export
 def test_self_check_catches_a_wrong_conversion(single_process, imported, exported):
     """The classic QKV bug (reading BLOOM's per-head interleaved [heads, 3, head_dim] rows as
     Megatron-LM's [3, heads, head_dim]) in block 0: the export's self-check must refuse it."""
-    from training.hf_self_check import SelfCheckFailed, self_check
-    from training.saved_model import open_checkpoint, read_model_tensors
+    from training.hf.self_check import SelfCheckFailed, self_check
+    from training.checkpoint.saved_model import open_checkpoint, read_model_tensors
 
     _, _, shape = open_checkpoint(imported)
     tensors = read_model_tensors(imported, shape)
@@ -304,8 +304,8 @@ def test_export_from_tp2_pp2_training_matches_the_training_model(tmp_path, data_
 
     from parallelism.topology import Layout
     from tests.multiprocess import run_processes
-    from training.checkpoint_files import resolve_latest
-    from training.saved_model import open_checkpoint
+    from training.checkpoint.files import resolve_latest
+    from training.checkpoint.saved_model import open_checkpoint
 
     run = tmp_path / "run"
     overrides = TINY_RUN + [f"trainer.run_dir={run}", f"data.cache_dir={data_cache}", "parallel.tp=2",
@@ -338,7 +338,7 @@ def test_bloom_train_continues_an_import_at_tp2_pp2(hf_dir, imported, tmp_path, 
     1e-5): the TP2 x PP2 model computes the imported function. That step runs at lr 0 (the warmup's
     first step, as in Megatron), so the weights it saves, exported back, must be the HF weights bit
     for bit: the import went through TP/PP sharding, the engine, Adam and the save."""
-    from training.hf_export import export_checkpoint
+    from training.hf.export import export_checkpoint
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)  # left by in-process groups of earlier tests
@@ -377,8 +377,8 @@ def hf_loss_on_first_batch(hf_dir: Path, args: list) -> float:
     from transformers import BloomForCausalLM
 
     from data.sampler import iter_global_batches
-    from training.config_checks import batch_schedule
-    from training.config_loader import load_config
+    from training.config.checks import batch_schedule
+    from training.config.loader import load_config
     from training.train import build_run_data
 
     cfg = load_config(args)

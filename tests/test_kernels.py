@@ -10,8 +10,8 @@ CUDA get 1e-4 (two blocks of GPU reductions in another order, against a CPU refe
 import pytest
 import torch
 
-from training.alibi import alibi_slopes
-from training.kernels import (KernelUnavailable, available_backends, bias_gelu_eager, select_kernels)
+from training.model.alibi import alibi_slopes
+from training.model.kernels import (KernelUnavailable, available_backends, bias_gelu_eager, select_kernels)
 
 CPU = torch.device("cpu")
 BACKENDS = [b for b in available_backends(CPU) if b != "eager"]
@@ -112,8 +112,8 @@ TINY_MODEL = dict(hidden_size=48, num_layers=2, num_heads=6, vocab_size=256, ini
 
 
 def _model(backend, device):
-    from training.config_schema import ModelConfig
-    from training.model import build_model
+    from training.config.schema import ModelConfig
+    from training.model.bloom import build_model
 
     # Built on the CPU from one seed whatever the device (use_cpu_initialization): same weights.
     return build_model(ModelConfig(**TINY_MODEL, kernels=backend), seed=3, device=device).eval()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from launch.slurm import checked_config, render_script
-from training.config_loader import ConfigError
+from training.config.loader import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.config_schema import LoggingConfig, ModelConfig
-from training.flops import model_flops_per_iteration, tflops_per_device
+from training.config.schema import LoggingConfig, ModelConfig
+from training.plan.flops import model_flops_per_iteration, tflops_per_device
 from training.metrics import MetricsLogger, format_line
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_non_writer_ranks_write_nothing(tmp_path):
 
 KILLED_WRITER = """
 import sys
-from training.config_schema import LoggingConfig
+from training.config.schema import LoggingConfig
 from training.metrics import MetricsLogger
 logger = MetricsLogger(sys.argv[1], LoggingConfig(tensorboard=False, wandb=False), True, {})
 step = 0
@@ -407,7 +407,7 @@ def test_flops_without_recompute_are_megatrons(h, L, heads, ffn, V, B, s):
     blocks, logits = counted_forward(h, L, heads, ffn or 4 * h, V, B, s)
     # Megatron's formula scales its logits term with the pass count too, so without recompute
     # it counts the logits as 3 * 3/4 passes instead of 3: kept as-is to compare with
-    # Megatron-DeepSpeed's logs (see training/flops.py).
+    # Megatron-DeepSpeed's logs (see training/plan/flops.py).
     expected = 3 * blocks + 0.75 * 3 * logits
     assert model_flops_per_iteration(cfg, V, B, s, recompute=False) == pytest.approx(expected,
                                                                                      rel=1e-12)

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from parallelism.topology import Layout
 from tests.hf_reference import random_hf_model
 from tests.multiprocess import run_processes
-from training.config_schema import ModelConfig
-from training.hf_convert import shard_from_hf
-from training.model import build_model, gather_logits, language_model_loss
-from training.param_table import iter_parameters
+from training.config.schema import ModelConfig
+from training.hf.convert import shard_from_hf
+from training.model.bloom import build_model, gather_logits, language_model_loss
+from training.model.param_table import iter_parameters
 
 VOCAB = 512  # a multiple of 128 x TP for TP 1 and 2: no padding beyond HF's vocabulary
 SHAPES = {

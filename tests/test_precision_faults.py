@@ -22,7 +22,7 @@ from parallelism.precision_support import unsupported_reason
 from parallelism.topology import Layout
 from tests.multiprocess import run_processes
 from tests.train_steps import TINY, run_steps
-from training.config_loader import load_config
+from training.config.loader import load_config
 from training.train import NonFiniteGuard, TrainingStopped
 
 INJECT_AT = 2

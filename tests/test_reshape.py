@@ -17,8 +17,8 @@ import torch.distributed as dist
 from parallelism.topology import Layout
 from tests.multiprocess import run_processes
 from tests.train_steps import make_engine, train
-from training import checkpoint_files
-from training.checkpoint import Checkpointer
+from training.checkpoint import files as checkpoint_files
+from training.checkpoint.checkpointer import Checkpointer
 from training.train import LoopState
 
 SAVE_AT, CONTINUE = 3, 3

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from data.batch_schedule import BatchSchedule
-from training.config_loader import load_config
+from training.config.loader import load_config
 from training.lr_schedule import learning_rate
 
 OPTIM = load_config(["experiment=bloom-176b"]).optim  # lr 6e-5 -> 6e-6, warmup 183_105, decay 200M

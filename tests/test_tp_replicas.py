@@ -47,8 +47,8 @@ def _worker(rank, out):
     changed = max((a.detach() - b).abs().max().item()  # training did move them
                   for a, b in zip(replicated, initial))
     # Force a drift on TP rank 1 and repair it.
-    from training.config_loader import load_config
-    from training.model import build_model
+    from training.config.loader import load_config
+    from training.model.bloom import build_model
     from tests.train_steps import TINY
 
     model = build_model(load_config(TINY).model, seed=3)

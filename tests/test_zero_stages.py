@@ -19,7 +19,7 @@ import torch.distributed as dist
 from parallelism.topology import Layout
 from tests.multiprocess import run_processes
 from tests.train_steps import make_engine, train
-from training.checkpoint import Checkpointer
+from training.checkpoint.checkpointer import Checkpointer
 from training.train import LoopState
 
 SAVE_AT, STEPS = 3, 6

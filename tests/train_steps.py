@@ -12,7 +12,7 @@ from megatron.core import parallel_state
 
 from parallelism.deepspeed_engine import BloomEngine
 from parallelism.topology import Layout
-from training.config_loader import load_config
+from training.config.loader import load_config
 from training.lr_schedule import learning_rate
 
 # The demo model as shipped (bloom-tiny: hidden 128, 4 layers, 4 heads, 8192 vocabulary rows at every

@@ -10,7 +10,7 @@ the very first step (consumed = 0) of a warmup runs at lr 0.
 """
 import math
 
-from training.config_schema import OptimConfig
+from training.config.schema import OptimConfig
 
 
 def learning_rate(optim: OptimConfig, consumed_samples: int) -> float:

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from training.config_schema import LoggingConfig
+from training.config.schema import LoggingConfig
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training.config_schema import OptimConfig
+from training.config.schema import OptimConfig
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list:

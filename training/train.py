@@ -22,13 +22,13 @@ from parallelism.deepspeed_engine import BloomEngine
 from parallelism.topology import init_model_parallel, init_process_group, shutdown
 from parallelism.tp_replicas import sync_replicated_parameters
 from training import exit_record
-from training.checkpoint import Checkpointer
-from training.config_checks import batch_schedule, validate
-from training.config_loader import ConfigError, to_yaml
-from training.flops import model_flops_per_iteration, tflops_per_device
+from training.checkpoint.checkpointer import Checkpointer
+from training.config.checks import batch_schedule, validate
+from training.config.loader import ConfigError, to_yaml
+from training.plan.flops import model_flops_per_iteration, tflops_per_device
 from training.lr_schedule import learning_rate
 from training.metrics import MetricsLogger
-from training.model import padded_vocab_size
+from training.model.bloom import padded_vocab_size
 
 
 class TrainingStopped(RuntimeError):

@@ -5,7 +5,7 @@
                                        sha256 of every other file (written last: no manifest, no
                                        checkpoint)
         model/tp00-pp00.safetensors    each parameter the (TP rank, PP stage) holds, under its
-                                       canonical name (training/param_table.py), fp32 (the master
+                                       canonical name (training/model/param_table.py), fp32 (the master
                                        weights), this TP rank's shard, whole over DP
         optim/tp00-pp00.safetensors    "<name>/exp_avg", "<name>/exp_avg_sq" in the same layout
         optim/meta.json                Adam step count and hyperparameters
@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from training.param_table import PARAMETERS, Split
+from training.model.param_table import PARAMETERS, Split
 
 FORMAT = "bloom-pretrain-checkpoint/1"
 MANIFEST = "manifest.json"

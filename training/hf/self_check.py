@@ -75,8 +75,8 @@ def probe_tokens(vocab_size: int, batch: int = 2, seq: int = 16) -> torch.Tensor
 def training_model_logits(tensors: Dict[str, torch.Tensor], shape: dict, tokens: torch.Tensor,
                           round_to: torch.dtype = torch.float32) -> torch.Tensor:
     """Full-vocabulary fp32 logits of our BloomModel (TP=1) holding `tensors` rounded to `round_to`."""
-    from training.model import build_model, gather_logits
-    from training.saved_model import model_config
+    from training.model.bloom import build_model, gather_logits
+    from training.checkpoint.saved_model import model_config
 
     with single_process_model_parallel():
         model = build_model(model_config(shape), seed=0).eval()

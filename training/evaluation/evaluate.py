@@ -1,6 +1,6 @@
 """Loss and perplexity of a saved checkpoint at any TP x PP x DP layout, forward only.
 
-Each pipeline stage builds only its own pieces from training/model.py (the word embedding and its
+Each pipeline stage builds only its own pieces from training/model/bloom.py (the word embedding and its
 LayerNorm on the first stage, its blocks as parallelism/pipeline_partition.py splits them, the
 final LayerNorm and the tied output on the last), under the canonical parameter names, and loads
 its TP shard of each from the checkpoint. Activations go from stage to stage with blocking
@@ -22,13 +22,13 @@ from torch import nn
 
 from parallelism.pipeline_partition import stage_layer_counts
 from parallelism.tensor_parallel import tensor_parallel_from_state
-from training.config_schema import ModelConfig
-from training.eval_data import EvalSet, batches
-from training.kernels import select_kernels
-from training.model import make_block, make_word_embeddings, tied_logits
-from training.checkpoint_files import split_of
-from training.param_table import shard_tensor
-from training.saved_model import read_model_tensors
+from training.config.schema import ModelConfig
+from training.evaluation.eval_data import EvalSet, batches
+from training.model.kernels import select_kernels
+from training.model.bloom import make_block, make_word_embeddings, tied_logits
+from training.checkpoint.files import split_of
+from training.model.param_table import shard_tensor
+from training.checkpoint.saved_model import read_model_tensors
 
 
 class EvalLayoutError(ValueError):

@@ -1,6 +1,6 @@
 """Memory per GPU of a layout, stage by stage, before anything is allocated.
 
-For each pipeline stage, with P = parameters this GPU holds (training/param_table.py, split by TP;
+For each pipeline stage, with P = parameters this GPU holds (training/model/param_table.py, split by TP;
 the first stage holds the word embedding, the last a tied copy of it and the final LayerNorm):
 
   weights     = P x 2 bytes (bf16/fp16) or 4 (fp32)                      / DP if ZeRO-3
@@ -24,9 +24,9 @@ from typing import List
 
 from parallelism.pipeline_partition import stage_layer_counts
 from parallelism.topology import Layout
-from training.config_schema import ModelConfig
-from training.model import ffn_size, padded_vocab_size
-from training.param_table import PARAMETERS, Part, Shape, shard_numel
+from training.config.schema import ModelConfig
+from training.model.bloom import ffn_size, padded_vocab_size
+from training.model.param_table import PARAMETERS, Part, Shape, shard_numel
 
 GIB = 2 ** 30
 OVERHEAD_GIB = 2.0

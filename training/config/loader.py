@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import configs
 from data.config import DataConfig
-from training.config_schema import (LauncherConfig, LoggingConfig, ModelConfig, OptimConfig,
+from training.config.schema import (LauncherConfig, LoggingConfig, ModelConfig, OptimConfig,
                                     ParallelConfig, TrainerConfig)
 
 CONFIG_DIR = Path(configs.__file__).parent

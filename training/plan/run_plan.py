@@ -8,12 +8,12 @@ from pathlib import Path
 
 from parallelism.pipeline_partition import stage_layer_counts
 from parallelism.topology import Layout
-from training.config_checks import batch_schedule, procs_per_node
-from training.config_loader import RootConfig
-from training.config_schema import ModelConfig
-from training.memory_estimate import estimate
-from training.model import build_model, ffn_size, padded_vocab_size
-from training.param_table import Shape, iter_parameters, numel
+from training.config.checks import batch_schedule, procs_per_node
+from training.config.loader import RootConfig
+from training.config.schema import ModelConfig
+from training.plan.memory_estimate import estimate
+from training.model.bloom import build_model, ffn_size, padded_vocab_size
+from training.model.param_table import Shape, iter_parameters, numel
 
 
 def count_parameters_as_built(cfg: ModelConfig, tp: int) -> int:
@@ -56,7 +56,7 @@ def make_plan(cfg: RootConfig, layout: Layout) -> dict:
             "overhead": round(worst.overhead, 3), "total": round(worst.total, 3),
             "worst_stage": worst.stage, "gpu_memory_gib": gpu_gib,
             "fits": (worst.total <= gpu_gib) if gpu_gib else None,
-            "formula": "see training/memory_estimate.py",
+            "formula": "see training/plan/memory_estimate.py",
         },
         "stages": [s.as_dict() for s in stages],
     }

@@ -18,8 +18,8 @@ tests/test_metrics.py pins both facts against a count from the shapes.
 BLOOM_FACTS.md writes the pass factor as "c = 4/3": read 4 with recompute, 3 without. Taken
 as the number 4/3 it would give a third of the published 150 TFLOPs.
 """
-from training.config_schema import ModelConfig
-from training.model import ffn_size
+from training.config.schema import ModelConfig
+from training.model.bloom import ffn_size
 
 
 def passes_over_blocks(recompute: bool) -> int:

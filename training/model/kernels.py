@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.alibi import relative_alibi_bias
+from training.model.alibi import relative_alibi_bias
 
 BACKENDS = ("eager", "torch", "flex", "apex", "auto")
 

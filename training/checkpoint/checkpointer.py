@@ -1,5 +1,5 @@
 """Saving and loading a running DeepSpeed engine in the layout-independent format of
-training/checkpoint_files.py, so a checkpoint saved at one TP x PP x DP loads at any other.
+training/checkpoint/files.py, so a checkpoint saved at one TP x PP x DP loads at any other.
 
 What a checkpoint holds: the fp32 master weights and Adam's moments of every parameter (gathered
 over DP from ZeRO's partitions with DeepSpeed's safe_get_full_* helpers, TP shards kept as saved),
@@ -23,10 +23,10 @@ from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_s
 from megatron.core import parallel_state
 
 from parallelism.pipeline import canonical_name
-from training import checkpoint_files as files
-from training.config_loader import ConfigError
-from training.model import ffn_size, padded_vocab_size
-from training.param_table import shard_tensor
+from training.checkpoint import files
+from training.config.loader import ConfigError
+from training.model.bloom import ffn_size, padded_vocab_size
+from training.model.param_table import shard_tensor
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 # Fault injection for the tests: SIGKILL this process in the middle of saving this iteration.
@@ -206,7 +206,7 @@ class Checkpointer:
         files.write_json(staging / "trainer_state.json", {
             "iteration": loop_state.iteration, "consumed_samples": loop_state.consumed_samples,
             "consumed_tokens": loop_state.consumed_tokens})
-        from training.config_loader import to_yaml
+        from training.config.loader import to_yaml
 
         (staging / "config.yaml").write_text(to_yaml(self.cfg))
         if self.tokenizer_dir and Path(self.tokenizer_dir).is_dir():

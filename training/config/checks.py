@@ -11,9 +11,9 @@ from data.batch_schedule import BatchSchedule
 from data.errors import DataError
 from parallelism.precision_support import unsupported_reason
 from parallelism.topology import Layout
-from training.config_loader import ConfigError, RootConfig
-from training.kernels import BACKENDS
-from training.model import ffn_size, padded_vocab_size
+from training.config.loader import ConfigError, RootConfig
+from training.model.kernels import BACKENDS
+from training.model.bloom import ffn_size, padded_vocab_size
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DECAY_STYLES = ("cosine", "linear", "constant")

@@ -1,4 +1,4 @@
-"""Hugging Face BloomForCausalLM <-> tensor-parallel shards, driven by training/param_table.py.
+"""Hugging Face BloomForCausalLM <-> tensor-parallel shards, driven by training/model/param_table.py.
 
 HF stores the vocabulary it has (250880 for the released BLOOM: already padded); the training
 model may pad further for its TP size. Rows added by padding are zero and never receive a target,
@@ -8,7 +8,7 @@ from typing import Dict, List
 
 import torch
 
-from training.param_table import Split, iter_parameters, shard_tensor
+from training.model.param_table import Split, iter_parameters, shard_tensor
 
 
 def shard_from_hf(hf_state: Dict[str, torch.Tensor], num_layers: int, tp_rank: int, tp_size: int,

@@ -1,4 +1,4 @@
-"""A Hugging Face BloomForCausalLM directory -> a checkpoint in our format (training/checkpoint_files.py).
+"""A Hugging Face BloomForCausalLM directory -> a checkpoint in our format (training/checkpoint/files.py).
 
 The result is an iteration-0 checkpoint saved at TP=1 PP=1 DP=1: model weights (fp32, canonical
 names), zeroed trainer state, no optimizer files (a resume starts a fresh optimizer), a config.yaml
@@ -18,9 +18,9 @@ import torch
 from safetensors import safe_open
 
 from data.tokenizer import TokenizerInfo
-from training.checkpoint_files import (finalize, iteration_dir, shard_file, staging_dir, write_json,
+from training.checkpoint.files import (finalize, iteration_dir, shard_file, staging_dir, write_json,
                                        write_tensors)
-from training.param_table import Shape, TIED_HF_NAMES, iter_parameters
+from training.model.param_table import Shape, TIED_HF_NAMES, iter_parameters
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -162,7 +162,7 @@ def tokenizer_vocab(source: Optional[Path], rows: int) -> int:
 
 
 def model_shape(hf: dict, vocab: int) -> dict:
-    """The manifest's model dict (the keys training/saved_model.py reads)."""
+    """The manifest's model dict (the keys training/checkpoint/saved_model.py reads)."""
     return {"hidden_size": hf["hidden_size"], "num_layers": hf["num_layers"], "num_heads": hf["num_heads"],
             "vocab_size": vocab, "padded_vocab_size": hf["vocab_size"],
             "ffn_hidden_size": 4 * hf["hidden_size"], "layer_norm_epsilon": hf["layer_norm_epsilon"]}
@@ -171,7 +171,7 @@ def model_shape(hf: dict, vocab: int) -> dict:
 def run_config_yaml(hf: dict, shape: dict, name: str, tokenizer_dir: Optional[Path]) -> str:
     """The resolved bloom-train config for continuing from the import: the demo defaults with
     this model's shape, BLOOM's 2048-token sequences, and the copied tokenizer."""
-    from training.config_loader import load_config, to_yaml
+    from training.config.loader import load_config, to_yaml
 
     overrides = [f"model.{key}={shape[key]}" for key in
                  ("hidden_size", "num_layers", "num_heads", "vocab_size", "padded_vocab_size",

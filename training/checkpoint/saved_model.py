@@ -1,5 +1,5 @@
 """A saved checkpoint's model, as export and evaluation read it: which directory, which shape, which
-tensors. Only the file format of training/checkpoint_files.py is used (never a running engine).
+tensors. Only the file format of training/checkpoint/files.py is used (never a running engine).
 """
 from pathlib import Path
 from typing import Dict, Iterable, Optional
@@ -7,10 +7,10 @@ from typing import Dict, Iterable, Optional
 import torch
 from omegaconf import OmegaConf
 
-from training.checkpoint_files import (MANIFEST, CheckpointError, read_full_tensors, read_manifest,
+from training.checkpoint.files import (MANIFEST, CheckpointError, read_full_tensors, read_manifest,
                                        resolve_latest)
-from training.config_schema import ModelConfig
-from training.param_table import Shape, iter_parameters
+from training.config.schema import ModelConfig
+from training.model.param_table import Shape, iter_parameters
 
 SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "vocab_size", "padded_vocab_size",
               "ffn_hidden_size", "layer_norm_epsilon")

@@ -2,8 +2,8 @@
 
 Hydra merges the YAML tree in `configs/` onto these dataclasses, so a misspelt or unknown key is an
 error rather than a silently ignored setting. Values derived from others (padded vocab, DP size)
-are computed in `config_checks.py`, never stored twice. The data group's schema lives with the
-data pipeline (data/config.py); config_loader.py assembles the root.
+are computed in `checks.py`, never stored twice. The data group's schema lives with the
+data pipeline (data/config.py); loader.py assembles the root.
 """
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -25,7 +25,7 @@ class ModelConfig:
     init_std: float = 0.0048
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
-    # eager | torch | flex | apex | auto: see training/kernels.py
+    # eager | torch | flex | apex | auto: see training/model/kernels.py
     kernels: str = "auto"
     activation_checkpointing: bool = False
 

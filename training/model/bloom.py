@@ -1,7 +1,7 @@
 """BLOOM, Megatron-style: plain PyTorch modules on megatron-core's tensor-parallel layers.
 
 Shapes are [batch, seq, hidden] throughout. Module attribute names are HF's BloomModel names, so
-a parameter's name here is its HF name without the "transformer." prefix (training/param_table.py
+a parameter's name here is its HF name without the "transformer." prefix (training/model/param_table.py
 holds the mapping and the TP split of each).
 
 Each tensor-parallel rank holds:
@@ -25,9 +25,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from parallelism.tensor_parallel import TensorParallel, tensor_parallel_from_state
-from training.alibi import alibi_slopes_for_rank
-from training.config_schema import ModelConfig
-from training.kernels import Kernels, select_kernels
+from training.model.alibi import alibi_slopes_for_rank
+from training.config.schema import ModelConfig
+from training.model.kernels import Kernels, select_kernels
 
 
 def padded_vocab_size(cfg: ModelConfig, tp: int) -> int:

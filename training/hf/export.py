@@ -1,18 +1,18 @@
-"""A checkpoint (training/checkpoint_files.py, saved at any layout) -> a Hugging Face Hub directory.
+"""A checkpoint (training/checkpoint/files.py, saved at any layout) -> a Hugging Face Hub directory.
 
     config.json                       BloomConfig (architectures: BloomForCausalLM)
     model-0000X-of-0000N.safetensors  HF names, the chosen dtype, lm_head left out (tied)
     model.safetensors.index.json      when sharded (a single file is model.safetensors, as HF does)
     tokenizer.json, tokenizer_config.json, special_tokens_map.json
     generation_config.json            bos / eos / pad ids
-    README.md                         the model card (training/hf_model_card.py)
+    README.md                         the model card (training/hf/model_card.py)
 
 Vocabulary: config.json's vocab_size is the checkpoint's padded row count, every row exported.
 Padding rows never receive a target but do take part in the softmax, so cutting them off would
 change every probability; BLOOM's released models keep their padded 250880 rows the same way.
 
 The checksums of the files it reads are verified first; the directory is written aside, self-checked
-(training/hf_self_check.py) and then renamed into place, so `out` is complete or absent.
+(training/hf/self_check.py) and then renamed into place, so `out` is complete or absent.
 """
 import json
 import shutil
@@ -24,12 +24,12 @@ import torch
 from safetensors.torch import save_file
 
 from data.tokenizer import TokenizerInfo
-from training.checkpoint_files import verify
-from training.hf_convert import hf_from_shards
-from training.hf_import import TOKENIZER_FILES
-from training.hf_model_card import (blend_weights, final_losses, find_metrics, read_trainer_state,
+from training.checkpoint.files import verify
+from training.hf.convert import hf_from_shards
+from training.hf.importer import TOKENIZER_FILES
+from training.hf.model_card import (blend_weights, final_losses, find_metrics, read_trainer_state,
                                     render)
-from training.saved_model import open_checkpoint, read_model_tensors, saved_config
+from training.checkpoint.saved_model import open_checkpoint, read_model_tensors, saved_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BLOOM_SPECIAL_IDS = {"unk_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
@@ -128,7 +128,7 @@ def export_checkpoint(checkpoint, out, dtype: str = "bf16", max_shard_size="2GB"
     """Export `checkpoint` (a checkpoint dir, or a checkpoints dir with `latest`) to `out`."""
     from transformers import GenerationConfig
 
-    from training.hf_self_check import self_check
+    from training.hf.self_check import self_check
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")

@@ -1,0 +1,1 @@
+"""The config: typed schema, Hydra loading, and the checks that run before anything starts."""

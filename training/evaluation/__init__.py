@@ -1,0 +1,1 @@
+"""Evaluation of a saved checkpoint at any layout (bloom-eval)."""

@@ -1,0 +1,1 @@
+"""Hugging Face conversion: import, export, the export's self-check and model card."""
