@@ -68,7 +68,7 @@ def test_corrupt_checkpoint_falls_back_and_shape_change_is_refused(tmp_path, dat
     run = tmp_path / "run"
     first = bloom_train(args(run, data_cache, ["trainer.save_interval=3", "trainer.train_iters=6"]))
     assert first.returncode == 0, first.stderr
-    _flip_byte(run / "checkpoints" / "iter_00000006" / "model" / "tp00-pp00.safetensors")
+    _flip_byte(run / "checkpoints" / "iter_00000006" / "model" / "rank00000.safetensors")
     again = bloom_train(args(run, data_cache, ["trainer.save_interval=3"]))
     assert again.returncode == 0, again.stderr
     assert "checksum" in again.stdout and "resumed from" in again.stdout

@@ -134,10 +134,10 @@ class Trainer:
         self.signal_received = signum
 
     def _resume(self) -> None:
-        directory = self.checkpointer.choose(self.cfg.trainer.resume, self._say)
-        if directory is None:
+        restored = self.checkpointer.restore(self.cfg.trainer.resume, self._say)
+        if restored is None:
             return
-        saved = self.checkpointer.load(directory)
+        directory, saved = restored
         s = self.state
         s.iteration, s.consumed_samples = saved["iteration"], saved["consumed_samples"]
         s.consumed_tokens = saved["consumed_tokens"]

@@ -1,12 +1,19 @@
-"""Saving and loading a running DeepSpeed engine in the layout-independent format of
-training/checkpoint/files.py, so a checkpoint saved at one TP x PP x DP loads at any other.
+"""Saving and loading a running DeepSpeed engine in the layout-independent formats of
+training/checkpoint/files.py, so a checkpoint saved at one TP x PP x DP (and ZeRO stage) loads at
+any other.
 
-What a checkpoint holds: the fp32 master weights and Adam's moments of every parameter (gathered
-over DP from ZeRO's partitions with DeepSpeed's safe_get_full_* helpers, TP shards kept as saved),
-Adam's step count and the fp16 loss-scaler state, the loop state (iteration, consumed samples and
-tokens: the LR schedule and the batch rampup are functions of consumed samples), every rank's RNG
-states, the resolved config and the tokenizer.
+Saving (format 2, training/checkpoint/fragments.py): each rank writes the fragments of the fp32
+masters and Adam moments its optimizer holds (its ZeRO partition of its TP shard; the whole shard
+on DP rank 0 without ZeRO), and its RNG states, hashes and fsyncs them; no tensor is gathered.
+Rank 0 adds Adam's step count and the loss-scaler state, the loop state (iteration, consumed
+samples and tokens: the LR schedule and the batch rampup are functions of consumed samples), the
+resolved config and the tokenizer, and the manifest with every rank's hashes.
+
+Loading: each rank checks the checksums of the files it will read, all ranks agree, then each
+reads the TP shard of one parameter at a time and hands it to DeepSpeed, which keeps its own
+partition. Format 1 checkpoints (whole TP shards; bloom-import writes them) load the same way.
 """
+import functools
 import json
 import os
 import random
@@ -18,12 +25,13 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
+from deepspeed.utils import (safe_get_local_fp32_param, safe_get_local_optimizer_state,
                              safe_set_full_fp32_param, safe_set_full_optimizer_state)
 from megatron.core import parallel_state
 
 from parallelism.pipeline import canonical_name
 from training.checkpoint import files
+from training.checkpoint.fragments import MASTER, Fragment, FragmentReader, fragment_file, write_fragments
 from training.config.loader import ConfigError
 from training.model.bloom import ffn_size, padded_vocab_size
 from training.model.param_table import shard_tensor
@@ -77,12 +85,6 @@ class Checkpointer:
         layers = self.cfg.model.num_layers
         return [(canonical_name(name, layers), p) for name, p in named]
 
-    def _writes_shard(self, name: str) -> bool:
-        """One rank writes each shard: DP rank 0, and for the tied embedding the first stage."""
-        if self.dp_rank != 0:
-            return False
-        return not (name == "word_embeddings.weight" and self.layout.pp > 1 and self.pp_rank != 0)
-
     # -- optimizer state access, whatever DeepSpeed wrapped around our AdamW ------------------
 
     def _zero(self) -> bool:
@@ -114,15 +116,6 @@ class Checkpointer:
             # first group, so later groups stay unlinked; link again now that every state exists.
             zero._hp_optimizer_states_linked = False
             zero._lazy_init_hp_params_optimizer_state()
-
-    def _get(self, param, key: Optional[str]) -> torch.Tensor:
-        """The fp32 master weight (key None) or an Adam moment of one parameter, whole over DP."""
-        if self._zero():
-            value = safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
-            return value.detach().float().cpu()
-        if key is None:
-            return param.detach().float().cpu()
-        return self.engine.optimizer.state[param][key].detach().float().cpu()
 
     def _set(self, param, key: Optional[str], value: torch.Tensor) -> None:
         value = value.to(param.device)
@@ -156,6 +149,8 @@ class Checkpointer:
     # -- saving ------------------------------------------------------------------------------
 
     def save(self, loop_state) -> Path:
+        """Every rank writes, hashes and fsyncs its own fragments and RNG state; rank 0 adds the
+        small files and the manifest (with every rank's hashes) and makes the checkpoint visible."""
         final = files.iteration_dir(self.root, loop_state.iteration)
         staging = files.staging_dir(final)
         if dist.get_rank() == 0:
@@ -163,39 +158,95 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             staging.mkdir(parents=True)
         dist.barrier()
-        self._write_tensors(staging)
-        self._write_rng(staging)
+        hashed = {**self._write_fragments(staging), **self._write_rng(staging)}
         self._maybe_die_for_test(loop_state.iteration)
-        dist.barrier()
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, hashed)
         if dist.get_rank() == 0:
             self._write_rank0_files(staging, loop_state)
-            files.finalize(staging, final, self._manifest(loop_state))
+            files.finalize(staging, final, self._manifest(loop_state),
+                           hashed={k: v for part in everyone for k, v in part.items()})
             self._prune()
         dist.barrier()
         return final
 
-    def _write_tensors(self, staging: Path) -> None:
-        if self._has_moments():
+    def _write_fragments(self, staging: Path) -> dict:
+        """This rank's fragments of the fp32 masters and (once Adam has stepped) of the moments;
+        returns the manifest entries of the files written."""
+        moments = self._has_moments()
+        if moments:
             self._ensure_adam_state()
-        model, optim = {}, {}
+        model, optim = [], []
         for name, param in self.params:
-            master = self._get(param, None)
-            moments = {key: self._get(param, key) for key in ADAM_STATES} if self._has_moments() else {}
-            if self._writes_shard(name):
-                model[name] = master
-                optim.update({f"{name}/{key}": value for key, value in moments.items()})
-        if model:
-            files.write_tensors(staging / files.shard_file("model", self.tp_rank, self.pp_rank), model)
-        if optim:
-            files.write_tensors(staging / files.shard_file("optim", self.tp_rank, self.pp_rank), optim)
+            if not self._owns(name):
+                continue
+            piece = self._local_piece(param, moments)
+            if piece is None:
+                continue
+            offset, numel, master, states = piece
+            fragment = functools.partial(self._fragment, name, param, offset, numel)
+            model.append((fragment(MASTER), master))
+            optim += [(fragment(key), value) for key, value in states.items()]
+        rank, hashed = dist.get_rank(), {}
+        for kind, pieces in (("model", model), ("optim", optim)):
+            if pieces:
+                rel = fragment_file(kind, rank)
+                hashed[rel] = write_fragments(staging / rel, pieces)
+        return hashed
+
+    def _owns(self, name: str) -> bool:
+        """Whether this rank saves its copy of `name`: one copy of each element is saved. Not the
+        tied embedding's second copy on the last stage, nor a TP-replicated parameter on TP ranks
+        past 0, nor, without ZeRO, anything on DP ranks past 0 (ZeRO's DP ranks hold disjoint
+        partitions: each saves its own)."""
+        if name == "word_embeddings.weight" and self.layout.pp > 1 and self.pp_rank != 0:
+            return False
+        if files.split_of(name).dim is None and self.tp_rank != 0:
+            return False
+        return self._zero() or self.dp_rank == 0
+
+    def _local_piece(self, param, moments: bool):
+        """(offset, numel, master, {state: moment}) of the flat range of this rank's TP shard of
+        `param` that this rank's optimizer holds, or None when it holds none of it."""
+        keys = ADAM_STATES if moments else ()
+        if self._zero3():
+            group = param.ds_process_group
+            size = param.ds_tensor.ds_numel
+            offset = dist.get_rank(group=group) * size
+            numel = max(0, min(size, param.ds_numel - offset))  # the last partition is padded
+            if numel == 0:
+                return None
+            master = safe_get_local_fp32_param(param)[:numel]
+            return offset, numel, master, {k: safe_get_local_optimizer_state(param, k)[:numel] for k in keys}
+        if self._zero():
+            mapping = param._hp_mapping
+            if mapping is None:
+                return None
+            address = mapping.lp_fragment_address
+            return (address.start, address.numel, mapping.hp_fragment,
+                    {k: mapping.get_optim_state_fragment(k) for k in keys})
+        state = self.engine.optimizer.state.get(param, {})
+        return 0, param.numel(), param.detach(), {k: state[k] for k in keys}
+
+    def _fragment(self, name: str, param, offset: int, numel: int, state: str) -> Fragment:
+        dim = files.split_of(name).dim
+        shape = list(param.ds_shape if self._zero3() else param.shape)
+        tp_rank, tp_size = (0, 1) if dim is None else (self.tp_rank, self.layout.tp)
+        if dim is not None:
+            shape[dim] *= tp_size
+        return Fragment(name, state, tuple(shape), dim, tp_rank, tp_size, offset, numel)
 
     def _has_moments(self) -> bool:
         return self._adam_step() > 0
 
-    def _write_rng(self, staging: Path) -> None:
-        path = staging / "rng" / f"rank{dist.get_rank():05d}.pt"
+    def _write_rng(self, staging: Path) -> dict:
+        rel = f"rng/rank{dist.get_rank():05d}.pt"
+        path = staging / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(self.engine), path)
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        return {rel: {"bytes": path.stat().st_size, "sha256": files.sha256(path)}}
 
     def _write_rank0_files(self, staging: Path, loop_state) -> None:
         scaler = self._loss_scaler()
@@ -245,53 +296,81 @@ class Checkpointer:
             complete.insert(0, latest)
         return complete
 
-    def choose(self, resume: str, say) -> Optional[Path]:
-        """The checkpoint every rank will load: rank 0 verifies checksums, falling back to older
-        ones when a checkpoint is corrupt, and tells the others."""
-        choice = [None]
-        if dist.get_rank() == 0:
-            for directory in self.candidates(resume):
-                try:
-                    files.verify(directory)
-                    choice = [str(directory)]
-                    break
-                except files.CheckpointError as error:
-                    say(f"checkpoint unusable: {error}; trying an older one")
-            if resume not in ("auto", "none") and choice[0] is None:
-                choice = ["!" + f"trainer.resume={resume}: no usable checkpoint there"]
-        dist.broadcast_object_list(choice, src=0)
-        if choice[0] and choice[0].startswith("!"):
-            raise ConfigError(choice[0][1:])
-        return Path(choice[0]) if choice[0] else None
+    def restore(self, resume: str, say) -> Optional[tuple]:
+        """(directory, trainer state) of the newest usable checkpoint, loaded; None for a fresh run.
+        A checkpoint whose files fail their checksums on any rank is reported and the next older
+        one tried, every rank together."""
+        for directory in self._agreed_candidates(resume):
+            try:
+                return directory, self.load(directory)
+            except files.CheckpointError as error:
+                say(f"checkpoint unusable: {error}; trying an older one")
+        if resume not in ("auto", "none"):
+            raise ConfigError(f"trainer.resume={resume}: no usable checkpoint there")
+        return None
+
+    def _agreed_candidates(self, resume: str) -> list:
+        """Rank 0's list of checkpoints to try (filesystems may list late on other nodes)."""
+        found = [[str(d) for d in self.candidates(resume)] if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(found, src=0)
+        return [Path(d) for d in found[0]]
 
     def load(self, directory: Path) -> dict:
-        """Restore weights, optimizer state and RNG from `directory`; returns its trainer state."""
-        manifest = files.read_manifest(directory)
+        """Restore weights, optimizer state and RNG from `directory`; returns its trainer state.
+        Every rank first checks the checksums of the files it will read, and all agree, so a
+        corrupt file stops the load before any state changes (CheckpointError on every rank)."""
+        manifest = _agreed(lambda: files.read_manifest(directory))
         check_same_model(manifest["model"], model_shape(self.cfg, self.layout.tp), directory)
-        names = [name for name, _ in self.params]
-        padded = padded_vocab_size(self.cfg.model, self.layout.tp)
-        weights = files.read_full_tensors(directory, "model", names)
+        same_layout = manifest["saved_layout"] == {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}
+        rng_file = f"rng/rank{dist.get_rank():05d}.pt"
+        read_rng = same_layout and rng_file in manifest["files"]
         has_optim = any(f.startswith("optim/") and f.endswith(".safetensors") for f in manifest["files"])
+        read = _agreed(lambda: self._verified_reader(directory, manifest, has_optim, read_rng and rng_file))
         meta = json.loads((Path(directory) / "optim" / "meta.json").read_text()) if has_optim else {}
         self._ensure_adam_state()
         for name, param in self.params:
-            self._set(param, None, self._shard(weights[name], name, padded))
+            self._set(param, None, read("model", name, MASTER))
         if self._zero3():
             self._refresh_zero3_weights()
         if has_optim:
             for key in ADAM_STATES:
-                moments = files.read_full_tensors(directory, "optim", names, suffix=f"/{key}")
                 for name, param in self.params:
-                    self._set(param, key, self._shard(moments[name], name, padded))
+                    self._set(param, key, read("optim", name, key))
             self._set_adam_step(meta.get("adam_step", 0.0))
             self._restore_scaler(meta.get("loss_scaler", {}))
-        same_layout = manifest["saved_layout"] == {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}
-        rng_file = Path(directory) / "rng" / f"rank{dist.get_rank():05d}.pt"
-        if same_layout and rng_file.is_file():
-            set_rng_state(self.engine, torch.load(rng_file, weights_only=True))
+        if read_rng:
+            set_rng_state(self.engine, torch.load(Path(directory) / rng_file, weights_only=True))
         state = json.loads((Path(directory) / "trainer_state.json").read_text())
         state["same_layout"] = same_layout
         return state
+
+    def _verified_reader(self, directory: Path, manifest: dict, has_optim: bool, rng_file):
+        """read(kind, name, state) -> this rank's TP shard, after verifying what it will read:
+        format 2, the fragment files of this rank's shards; format 1 (whole shards, written by
+        bloom-import and earlier versions), every tensor file, on rank 0."""
+        small = [f for f in ("optim/meta.json", "trainer_state.json", rng_file) if f and f in manifest["files"]]
+        files.verify(directory, small)
+        padded = padded_vocab_size(self.cfg.model, self.layout.tp)
+        if manifest["format"] == files.FORMAT_1:
+            if dist.get_rank() == 0:
+                files.verify(directory)
+
+            def read_v1(kind, name, state):
+                suffix = "" if state == MASTER else f"/{state}"
+                full = files.read_full_tensors(directory, kind, [name], suffix=suffix)[name]
+                return self._shard(full, name, padded)
+            return read_v1
+        readers = {kind: FragmentReader(directory, manifest, kind) for kind in ("model", "optim")
+                   if kind == "model" or has_optim}
+        states = {"model": [MASTER], "optim": list(ADAM_STATES)}
+        for kind, reader in readers.items():
+            for name, _ in self.params:
+                for state in states[kind]:
+                    reader.verify_shard(name, state, *self._tp_coordinates(name))
+        return lambda kind, name, state: readers[kind].tp_shard(name, state, *self._tp_coordinates(name))
+
+    def _tp_coordinates(self, name: str) -> tuple:
+        return (0, 1) if files.split_of(name).dim is None else (self.tp_rank, self.layout.tp)
 
     def _refresh_zero3_weights(self) -> None:
         """Stage 3 keeps each rank's slice of the 16-bit weights apart from the fp32 masters: copy
@@ -311,6 +390,22 @@ class Checkpointer:
         for key, value in saved.items():
             if scaler is not None and hasattr(scaler, key):
                 setattr(scaler, key, value)
+
+
+def _agreed(work):
+    """work()'s result on every rank, or the same CheckpointError on every rank when it failed on
+    any (a rank must not go on into collectives the others have left)."""
+    result, error = None, None
+    try:
+        result = work()
+    except files.CheckpointError as failure:
+        error = str(failure)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [e for e in errors if e is not None]
+    if failed:
+        raise files.CheckpointError(failed[0])
+    return result
 
 
 def _flat_fp32_partitions(zero) -> list:

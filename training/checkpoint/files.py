@@ -4,20 +4,23 @@
         manifest.json                  format, iteration, model shape, saved layout, and the bytes +
                                        sha256 of every other file (written last: no manifest, no
                                        checkpoint)
-        model/tp00-pp00.safetensors    each parameter the (TP rank, PP stage) holds, under its
-                                       canonical name (training/model/param_table.py), fp32 (the master
-                                       weights), this TP rank's shard, whole over DP
-        optim/tp00-pp00.safetensors    "<name>/exp_avg", "<name>/exp_avg_sq" in the same layout
-        optim/meta.json                Adam step count and hyperparameters
-        trainer_state.json             iteration, consumed samples and tokens, schedule state
+        model/rank00003.safetensors    format 2: the fragments of the fp32 master weights rank 3
+                                       held (its ZeRO partition of its TP shard), each 1-D, with
+                                       what slice of which full tensor it is in the file's metadata
+                                       (training/checkpoint/fragments.py)
+        optim/rank00003.safetensors    "<name>/exp_avg", "<name>/exp_avg_sq" fragments, the same way
+        optim/meta.json                Adam step count and the loss-scaler state
+        trainer_state.json             iteration, consumed samples and tokens
         rng/rank00000.pt               each rank's RNG states (tensors and ints only)
         config.yaml, tokenizer/        the resolved config and the tokenizer
     <checkpoints>/latest               the name of the newest complete checkpoint
 
-A parameter split over TP is stored as the shards the saving layout had; readers concatenate
-them along the split dimension of the table, so any layout can load any checkpoint. Nothing here
-unpickles anything that is not checked first: safetensors for tensors, JSON for the rest, RNG
-files loaded with weights_only=True after their checksum matched.
+Format 1 (bloom-import writes it; earlier versions of bloom-train did) stores whole TP shards
+instead, model/tp00-pp00.safetensors and optim/tp00-pp00.safetensors, under canonical names
+(training/model/param_table.py); readers concatenate them along the split dimension of the table.
+Both formats load at any layout. Nothing here unpickles anything that is not checked first:
+safetensors for tensors, JSON for the rest, RNG files loaded with weights_only=True after their
+checksum matched.
 """
 import hashlib
 import json
@@ -32,7 +35,9 @@ from safetensors.torch import save_file
 
 from training.model.param_table import PARAMETERS, Split
 
-FORMAT = "bloom-pretrain-checkpoint/1"
+FORMAT_1 = "bloom-pretrain-checkpoint/1"  # whole TP shards gathered over DP (bloom-import writes it)
+FORMAT = "bloom-pretrain-checkpoint/2"  # per-rank fragments: training/checkpoint/fragments.py
+FORMATS = (FORMAT_1, FORMAT)
 MANIFEST = "manifest.json"
 LATEST = "latest"
 SPLITS = {spec.name.format(i="*"): spec.split for spec in PARAMETERS}
@@ -61,9 +66,11 @@ def split_of(name: str) -> Split:
 
 # -- writing ---------------------------------------------------------------------------------
 
-def write_tensors(path: Path, tensors: Dict[str, torch.Tensor]) -> None:
+def write_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())  # durable before anyone lists it in a manifest
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -79,21 +86,31 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+def _fsync_dirs(root: Path) -> None:
+    """Directory entries (the files' names) are durable too, not only their bytes."""
+    for path in [root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
-def finalize(staging: Path, final: Path, manifest: dict) -> None:
-    """Checksum every file, write the manifest, then make the checkpoint visible with one rename
-    and point `latest` at it (itself replaced by a rename): a crash at any point leaves either
-    the previous state or the new complete one."""
-    files = {str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
-             for p in sorted(staging.rglob("*")) if p.is_file()}
-    write_json(staging / MANIFEST, {**manifest, "format": FORMAT, "files": files})
-    _fsync_tree(staging)
+def finalize(staging: Path, final: Path, manifest: dict, hashed: Optional[dict] = None,
+             format: str = FORMAT) -> None:
+    """Checksum the files not already `hashed` (by the ranks that wrote them: {path: {bytes,
+    sha256}}), write the manifest, then make the checkpoint visible with one rename and point
+    `latest` at it (itself replaced by a rename): a crash at any point leaves either the
+    previous state or the new complete one."""
+    hashed = dict(hashed or {})
+    own = [p for p in sorted(staging.rglob("*")) if p.is_file() and str(p.relative_to(staging)) not in hashed]
+    files = {**hashed, **{str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+                          for p in own}}
+    write_json(staging / MANIFEST, {**manifest, "format": format, "files": dict(sorted(files.items()))})
+    for path in own + [staging / MANIFEST]:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dirs(staging)
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
@@ -116,8 +133,8 @@ def read_manifest(directory: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path}: unreadable manifest ({error})") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT}")
+    if manifest.get("format") not in FORMATS:
+        raise CheckpointError(f"{path}: format {manifest.get('format')!r}, expected one of {', '.join(FORMATS)}")
     return manifest
 
 
@@ -180,13 +197,3 @@ def read_full_tensors(directory: Path, kind: str, names: Iterable[str], suffix: 
                 raise CheckpointError(f"{directory}: {key} has shards {sorted(shards)} of {tp}")
             full[name] = torch.cat([shards[r] for r in range(tp)], dim=dim)
     return full
-
-
-def parameter_names(directory: Path) -> list:
-    """Every canonical parameter name stored in a checkpoint's model files."""
-    directory = Path(directory)
-    names = set()
-    for rel in saved_shards(read_manifest(directory), "model"):
-        with safe_open(str(directory / rel), framework="pt") as f:
-            names.update(f.keys())
-    return sorted(names)

@@ -18,8 +18,8 @@ import torch
 from safetensors import safe_open
 
 from data.tokenizer import TokenizerInfo
-from training.checkpoint.files import (finalize, iteration_dir, shard_file, staging_dir, write_json,
-                                       write_tensors)
+from training.checkpoint.files import (FORMAT_1, finalize, iteration_dir, shard_file, staging_dir,
+                                       write_json, write_tensors)
 from training.model.param_table import Shape, TIED_HF_NAMES, iter_parameters
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -211,5 +211,5 @@ def import_hf(hf_dir, out, tokenizer=None) -> Path:
     (staging / "config.yaml").write_text(config_yaml)
     finalize(staging, final, {"iteration": 0, "model": shape,
                               "saved_layout": {"tp": 1, "pp": 1, "dp": 1},
-                              "imported_from": str(hf_dir.resolve())})
+                              "imported_from": str(hf_dir.resolve())}, format=FORMAT_1)
     return final
