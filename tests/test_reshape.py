@@ -1,8 +1,10 @@
 """Reshaping: a checkpoint saved at TP2 x PP2 x DP2 (8 processes, ZeRO-1) continues at TP1 x PP1 x
-DP2 and at TP2 x PP1 x DP1 with the losses of the unreshaped continuation, and one saved at
-TP1 x PP1 x DP2 or at TP2 x PP1 x DP1 continues at TP2 x PP2 x DP2 likewise: weights and Adam moments are regathered
-and resharded. Tolerance: relative 1e-4 per step (float reordering across layouts, as in
-test_layout_parity.py; we see ~1e-7).
+DP2, at TP2 x PP1 x DP1, at TP1 x PP1 x DP4 with ZeRO-2 and at TP2 x PP1 x DP2 with ZeRO-3 (its
+word embedding, 4096 x 128 per TP rank, really partitioned; the block weights, under DeepSpeed's
+100,000-element persistence threshold, stay whole) with the losses of the unreshaped continuation,
+and one saved at TP1 x PP1 x DP2 or at TP2 x PP1 x DP1 continues at TP2 x PP2 x DP2 likewise:
+weights and Adam moments are regathered and resharded. Tolerance: relative 1e-4 per step (float
+reordering across layouts, as in test_layout_parity.py; we see ~1e-7).
 
 The Adam state is what makes this a continuation: the same checkpoint loaded at TP2 x PP1 x DP1
 without its optimizer files (a copy with optim/ and its manifest entries removed; the loader then
@@ -25,8 +27,8 @@ SAVE_AT, CONTINUE = 3, 3
 RTOL = 1e-4
 
 
-def _overrides(layout: Layout, run_dir) -> list:
-    return [f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}", "parallel.zero_stage=1",
+def _overrides(layout: Layout, run_dir, zero: int = 1) -> list:
+    return [f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}", f"parallel.zero_stage={zero}",
             f"trainer.run_dir={run_dir}"]
 
 
@@ -44,15 +46,25 @@ def _save_then_continue(rank, layout, run_dir, out):
     _dump(out, train(cfg, engine, layout, SAVE_AT, CONTINUE))
 
 
-def _load_then_continue(rank, layout, checkpoints, run_dir, out):
-    """Each checkpoint in turn loaded into a fresh engine at `layout` and continued CONTINUE steps
-    (one launch for several loads); rank 0 writes one list of losses per checkpoint."""
+def _load_then_continue(rank, layout, checkpoints, run_dir, out, zero=1):
+    """Each checkpoint in turn loaded into a fresh engine at `layout` (ZeRO stage `zero`) and
+    continued CONTINUE steps (one launch for several loads); rank 0 writes one list of losses per
+    checkpoint."""
     got = []
     for checkpoint in checkpoints:
-        cfg, engine = make_engine(_overrides(layout, run_dir), layout)
+        cfg, engine = make_engine(_overrides(layout, run_dir, zero), layout)
         state = Checkpointer(cfg, layout, engine).load(checkpoint)
         assert state["iteration"] == SAVE_AT and not state["same_layout"]
         got.append([r["loss"] for r in train(cfg, engine, layout, SAVE_AT, CONTINUE)])
+        if zero == 3:
+            # After training (before the first forward every parameter is released): DeepSpeed
+            # keeps parameters under 100,000 elements whole on every rank (every block weight of
+            # this hidden-128 model), the word embedding (8192 x 128, 4096 x 128 per TP rank) is
+            # partitioned. Without one partitioned weight the test would prove nothing.
+            partitioned = [name for name, p in engine.module.named_parameters()
+                           if getattr(p, "ds_tensor", None) is not None and p.data.numel() == 0]
+            assert partitioned, "ZeRO-3 kept every weight whole: the test would prove nothing"
+            assert "word_embeddings.weight" in partitioned, partitioned
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(got, f)
@@ -80,9 +92,10 @@ def saved_tp2(tmp_path_factory):
     return _saved(tmp_path_factory, Layout(2, 1, 1))
 
 
-def _continue(tmp_path, checkpoints: list, layout: Layout) -> list:
+def _continue(tmp_path, checkpoints: list, layout: Layout, zero: int = 1) -> list:
     out = tmp_path / "reshaped.json"
-    run_processes(_load_then_continue, layout, layout, [str(c) for c in checkpoints], str(tmp_path), str(out))
+    run_processes(_load_then_continue, layout, layout, [str(c) for c in checkpoints], str(tmp_path), str(out),
+                  zero)
     return json.loads(out.read_text())
 
 
@@ -92,9 +105,9 @@ def _assert_matches(got: list, expected: list) -> None:
         assert abs(a - b) / abs(b) < RTOL, f"step {SAVE_AT + step}: {a} vs unreshaped {b}"
 
 
-def _check(tmp_path, saved, layout: Layout):
+def _check(tmp_path, saved, layout: Layout, zero: int = 1):
     checkpoint, expected = saved
-    _assert_matches(_continue(tmp_path, [checkpoint], layout)[0], expected)
+    _assert_matches(_continue(tmp_path, [checkpoint], layout, zero)[0], expected)
 
 
 def _without_adam_state(checkpoint, copy):
@@ -123,6 +136,17 @@ def continued_3d_at_tp2(tmp_path_factory, saved_3d):
 
 def test_3d_checkpoint_continues_at_tp1_pp1_dp2(tmp_path, saved_3d):
     _check(tmp_path, saved_3d, Layout(1, 1, 2))
+
+
+def test_3d_checkpoint_continues_at_tp1_pp1_dp4_zero2(tmp_path, saved_3d):
+    """ZeRO-1 partitions of a TP2 x PP2 x DP2 run regathered into ZeRO-2 partitions over 4 DP ranks."""
+    _check(tmp_path, saved_3d, Layout(1, 1, 4), zero=2)
+
+
+def test_3d_checkpoint_continues_at_tp2_pp1_dp2_zero3(tmp_path, saved_3d):
+    """...and into ZeRO-3 partitions of TP2 shards (the word embedding really partitioned: asserted
+    in _load_then_continue; the smaller weights stay whole, as DeepSpeed keeps them)."""
+    _check(tmp_path, saved_3d, Layout(2, 1, 2), zero=3)
 
 
 def test_3d_checkpoint_continues_at_tp2_pp1_dp1(saved_3d, continued_3d_at_tp2):
