@@ -42,9 +42,13 @@ def test_sigkill_twice_then_resume_is_bitwise(tmp_path, data_cache):
     assert sizes[:5] == [4, 4, 6, 6, 8] and sizes[-1] == 8  # the kills at 3 and 6 straddle the rampup
 
 
-def test_kill_during_save_keeps_previous_checkpoint(tmp_path, data_cache):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path, data_cache, mode):
+    """SIGKILL while the checkpoint of iteration 6 is being written (after this rank's files, before
+    the manifest; with async_save in the background writer while training went on): iteration 3
+    stays `latest`, and the resumed run repeats the uninterrupted one bitwise."""
     run = tmp_path / "run"
-    crashed = bloom_train(args(run, data_cache, ["trainer.save_interval=3"]),
+    crashed = bloom_train(args(run, data_cache, ["trainer.save_interval=3", f"trainer.async_save={mode == 'async'}"]),
                           env={"BLOOM_TEST_KILL_DURING_SAVE": "6"})
     assert crashed.returncode != 0
     checkpoints = run / "checkpoints"
@@ -84,14 +88,17 @@ def test_corrupt_checkpoint_falls_back_and_shape_change_is_refused(tmp_path, dat
 SAVE_AT, LAST = 3, 6
 
 
-def _whole_and_resumed(rank, layout, cache, tmp):
+def _whole_and_resumed(rank, layout, cache, tmp, async_save):
     """For fp32 and bf16: an uninterrupted run to LAST, then a new run that starts from the
     first one's checkpoint at SAVE_AT (its own run directory, fresh engine and data loader) and
     continues to LAST. The resumed run's processes have drawn from every random stream since, so
-    only what the checkpoint restores can make it repeat the uninterrupted run's dropout masks."""
+    only what the checkpoint restores can make it repeat the uninterrupted run's dropout masks.
+    With async_save the uninterrupted run wrote that checkpoint while its next steps changed the
+    weights and moments: only a snapshot taken at the step boundary passes."""
     base = TINY_RUN + DROPOUT + [f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}",
                                  f"data.cache_dir={cache}", "trainer.global_batch_size=8",
-                                 f"trainer.train_iters={LAST}", f"trainer.save_interval={SAVE_AT}"]
+                                 f"trainer.train_iters={LAST}", f"trainer.save_interval={SAVE_AT}",
+                                 f"trainer.async_save={async_save}"]
     for precision in ("fp32", "bf16"):
         whole, resumed = Path(tmp) / precision / "whole", Path(tmp) / precision / "resumed"
         run_trainer(base + [f"trainer.precision={precision}", f"trainer.run_dir={whole}"])
@@ -99,10 +106,11 @@ def _whole_and_resumed(rank, layout, cache, tmp):
                        f"trainer.resume={whole / 'checkpoints' / f'iter_{SAVE_AT:08d}'}"])
 
 
-@pytest.mark.parametrize("layout", [Layout(1, 1, 1), Layout(2, 1, 2), Layout(1, 2, 2)],
-                         ids=["1-process", "tp2-dp2", "pp2-dp2"])
-def test_resume_with_dropout_is_bitwise_at_every_layout_and_precision(tmp_path, data_cache, layout):
-    run_processes(_whole_and_resumed, layout, layout, data_cache, str(tmp_path))
+@pytest.mark.parametrize("layout,async_save", [(Layout(1, 1, 1), False), (Layout(2, 1, 2), True),
+                                               (Layout(1, 2, 2), True)],
+                         ids=["1-process", "tp2-dp2-async-save", "pp2-dp2-async-save"])
+def test_resume_with_dropout_is_bitwise_at_every_layout_and_precision(tmp_path, data_cache, layout, async_save):
+    run_processes(_whole_and_resumed, layout, layout, data_cache, str(tmp_path), async_save)
     for precision in ("fp32", "bf16"):
         whole, resumed = (step_losses(tmp_path / precision / run) for run in ("whole", "resumed"))
         assert sorted(whole) == list(range(1, LAST + 1)), precision

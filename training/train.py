@@ -153,6 +153,14 @@ class Trainer:
         if self.saved_at != self.state.iteration:
             path = self.checkpointer.save(self.state)
             self.saved_at = self.state.iteration
+            if self.cfg.trainer.async_save:
+                self._say(f"checkpoint of iteration {self.state.iteration}: writing in the background")
+            else:
+                self._say(f"saved checkpoint {path}")
+
+    def _finish_background_save(self, wait: bool = False) -> None:
+        path = self.checkpointer.wait() if wait else self.checkpointer.poll()
+        if path is not None and self.cfg.trainer.async_save:
             self._say(f"saved checkpoint {path}")
 
     # -- the loop ---------------------------------------------------------------------------
@@ -168,6 +176,7 @@ class Trainer:
             if self._done():
                 break
             result = self._step(micro_batches)
+            self._finish_background_save()
             self._log_step(result, time.time() - window, len(micro_batches))
             window = time.time()
             if self.state.iteration % t.eval_interval == 0:
@@ -178,6 +187,7 @@ class Trainer:
                 break
         if self.state.iteration > 0:
             self.save()
+        self._finish_background_save(wait=True)  # the exit waits for the write
         self.exit_reason = self.exit_reason or "finished"
         return self.state
 

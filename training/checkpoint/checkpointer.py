@@ -19,6 +19,8 @@ import os
 import random
 import shutil
 import signal
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -65,6 +67,43 @@ def check_same_model(saved: dict, current: dict, directory: Path) -> None:
             f"multiple of 128 x TP): set model.padded_vocab_size={rows} to continue the same model")
 
 
+@dataclass(frozen=True)
+class LoopPosition:
+    iteration: int
+    consumed_samples: int
+    consumed_tokens: int
+
+
+@dataclass
+class Snapshot:
+    """What one rank saves, copied to host memory at a step boundary."""
+    model: list  # [(Fragment, tensor)]
+    optim: list
+    rng: dict
+    loop: LoopPosition
+    optim_meta: dict  # Adam's step count and the loss-scaler state (rank 0 writes them)
+
+
+@dataclass
+class PendingSave:
+    final: Path
+    staging: Path
+    snapshot: Snapshot
+    thread: Optional[threading.Thread] = None
+    hashed: Optional[dict] = None
+    error: Optional[str] = None
+
+    def run(self, write) -> None:
+        try:
+            self.hashed = write(self.staging, self.snapshot)
+        except Exception as failure:  # reported to every rank by Checkpointer.wait
+            self.error = f"{type(failure).__name__}: {failure}"
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", torch.float32, copy=True).reshape(-1)
+
+
 class Checkpointer:
     def __init__(self, cfg, layout, engine, tokenizer_dir: Optional[Path] = None):
         self.cfg, self.layout, self.engine = cfg, layout, engine
@@ -74,6 +113,7 @@ class Checkpointer:
         self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.params = self._local_parameters()
+        self._pending: Optional[PendingSave] = None
 
     # -- which parameters this rank holds, under canonical names ------------------------------
 
@@ -150,7 +190,13 @@ class Checkpointer:
 
     def save(self, loop_state) -> Path:
         """Every rank writes, hashes and fsyncs its own fragments and RNG state; rank 0 adds the
-        small files and the manifest (with every rank's hashes) and makes the checkpoint visible."""
+        small files and the manifest (with every rank's hashes) and makes the checkpoint visible.
+
+        With trainer.async_save the state is first copied to host memory (at the step boundary,
+        so it is the state of this iteration) and written by a thread while training goes on;
+        the checkpoint becomes visible in poll() or wait() once every rank's part is durable.
+        A save started while another is in flight waits for it first."""
+        self.wait()
         final = files.iteration_dir(self.root, loop_state.iteration)
         staging = files.staging_dir(final)
         if dist.get_rank() == 0:
@@ -158,21 +204,51 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             staging.mkdir(parents=True)
         dist.barrier()
-        hashed = {**self._write_fragments(staging), **self._write_rng(staging)}
-        self._maybe_die_for_test(loop_state.iteration)
+        # A background write needs its own host copy (training goes on changing the state); a
+        # synchronous one writes from the optimizer's tensors directly, adding no copy on CPU.
+        snapshot = self._snapshot(loop_state, copy=self.cfg.trainer.async_save)
+        self._pending = PendingSave(final, staging, snapshot)
+        if self.cfg.trainer.async_save:
+            self._pending.thread = threading.Thread(target=self._pending.run, args=(self._write,),
+                                                    name="checkpoint-writer", daemon=True)
+            self._pending.thread.start()
+            return final
+        self._pending.run(self._write)
+        return self.wait()
+
+    def poll(self) -> Optional[Path]:
+        """At a step boundary: finish a background save if every rank's writer is done (one
+        scalar all-reduce while a save is in flight); returns the checkpoint it made visible."""
+        if self._pending is None:
+            return None
+        done = torch.tensor([float(not self._pending.thread.is_alive())])
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        return self.wait() if done.item() == 1.0 else None
+
+    def wait(self) -> Optional[Path]:
+        """Finish the save in flight, if any (every rank together); returns its directory."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        if pending.thread is not None:
+            pending.thread.join()
         everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, hashed)
+        dist.all_gather_object(everyone, pending.hashed if pending.error is None else pending.error)
+        failed = [part for part in everyone if isinstance(part, str)]
+        if failed:
+            raise files.CheckpointError(f"saving {pending.final} failed: {failed[0]}")
         if dist.get_rank() == 0:
-            self._write_rank0_files(staging, loop_state)
-            files.finalize(staging, final, self._manifest(loop_state),
+            self._write_rank0_files(pending.staging, pending.snapshot)
+            files.finalize(pending.staging, pending.final, self._manifest(pending.snapshot.loop),
                            hashed={k: v for part in everyone for k, v in part.items()})
             self._prune()
         dist.barrier()
-        return final
+        return pending.final
 
-    def _write_fragments(self, staging: Path) -> dict:
-        """This rank's fragments of the fp32 masters and (once Adam has stepped) of the moments;
-        returns the manifest entries of the files written."""
+    def _snapshot(self, loop_state, copy: bool) -> "Snapshot":
+        """Everything this rank saves, taken at the step boundary: host copies, or (copy=False,
+        for a write that finishes before training goes on) flat views of the tensors."""
+        keep = _host_copy if copy else (lambda tensor: tensor.detach().reshape(-1))
         moments = self._has_moments()
         if moments:
             self._ensure_adam_state()
@@ -185,13 +261,29 @@ class Checkpointer:
                 continue
             offset, numel, master, states = piece
             fragment = functools.partial(self._fragment, name, param, offset, numel)
-            model.append((fragment(MASTER), master))
-            optim += [(fragment(key), value) for key, value in states.items()]
+            model.append((fragment(MASTER), keep(master)))
+            optim += [(fragment(key), keep(value)) for key, value in states.items()]
+        scaler = self._loss_scaler()
+        scaler_state = {k: getattr(scaler, k) for k in ("cur_scale", "cur_iter", "last_overflow_iter",
+                                                       "cur_hysteresis") if scaler and hasattr(scaler, k)}
+        loop = LoopPosition(loop_state.iteration, loop_state.consumed_samples, loop_state.consumed_tokens)
+        return Snapshot(model, optim, rng_state(self.engine), loop,
+                        {"adam_step": self._adam_step(), "loss_scaler": scaler_state})
+
+    def _write(self, staging: Path, snapshot: "Snapshot") -> dict:
+        """Write this rank's files of a snapshot; returns their manifest entries."""
         rank, hashed = dist.get_rank(), {}
-        for kind, pieces in (("model", model), ("optim", optim)):
+        for kind, pieces in (("model", snapshot.model), ("optim", snapshot.optim)):
             if pieces:
                 rel = fragment_file(kind, rank)
                 hashed[rel] = write_fragments(staging / rel, pieces)
+        rel = f"rng/rank{rank:05d}.pt"
+        (staging / "rng").mkdir(parents=True, exist_ok=True)
+        torch.save(snapshot.rng, staging / rel)
+        with open(staging / rel, "rb") as f:
+            os.fsync(f.fileno())
+        hashed[rel] = {"bytes": (staging / rel).stat().st_size, "sha256": files.sha256(staging / rel)}
+        self._maybe_die_for_test(snapshot.loop.iteration)
         return hashed
 
     def _owns(self, name: str) -> bool:
@@ -239,24 +331,12 @@ class Checkpointer:
     def _has_moments(self) -> bool:
         return self._adam_step() > 0
 
-    def _write_rng(self, staging: Path) -> dict:
-        rel = f"rng/rank{dist.get_rank():05d}.pt"
-        path = staging / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(self.engine), path)
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-        return {rel: {"bytes": path.stat().st_size, "sha256": files.sha256(path)}}
-
-    def _write_rank0_files(self, staging: Path, loop_state) -> None:
-        scaler = self._loss_scaler()
-        scaler_state = {k: getattr(scaler, k) for k in ("cur_scale", "cur_iter", "last_overflow_iter",
-                                                       "cur_hysteresis") if scaler and hasattr(scaler, k)}
-        files.write_json(staging / "optim" / "meta.json",
-                         {"adam_step": self._adam_step(), "loss_scaler": scaler_state})
+    def _write_rank0_files(self, staging: Path, snapshot: "Snapshot") -> None:
+        files.write_json(staging / "optim" / "meta.json", snapshot.optim_meta)
+        loop = snapshot.loop
         files.write_json(staging / "trainer_state.json", {
-            "iteration": loop_state.iteration, "consumed_samples": loop_state.consumed_samples,
-            "consumed_tokens": loop_state.consumed_tokens})
+            "iteration": loop.iteration, "consumed_samples": loop.consumed_samples,
+            "consumed_tokens": loop.consumed_tokens})
         from training.config.loader import to_yaml
 
         (staging / "config.yaml").write_text(to_yaml(self.cfg))
@@ -300,6 +380,7 @@ class Checkpointer:
         """(directory, trainer state) of the newest usable checkpoint, loaded; None for a fresh run.
         A checkpoint whose files fail their checksums on any rank is reported and the next older
         one tried, every rank together."""
+        self.wait()  # a rollback waits for a save in flight
         for directory in self._agreed_candidates(resume):
             try:
                 return directory, self.load(directory)

@@ -71,6 +71,8 @@ class TrainerConfig:
     min_loss_scale: float = 1.0
     seed: int = 42
     save_interval: int = 100  # iterations; a checkpoint is also saved on every exit
+    # Copy the state to host memory at the step boundary and write it while training goes on.
+    async_save: bool = False
     keep_checkpoints: int = 3  # the newest K complete checkpoints are kept (0 = all)
     eval_interval: int = 1000
     eval_iters: int = 10
