@@ -1,8 +1,10 @@
 """Checkpoint save and load throughput against this disk's own sequential rates, and the save's
-extra peak memory per rank, at DP 1, 2 and 4 (CPU, gloo), side by side in one run.
+extra peak memory per rank, at DP 1, 2 and 4 (CPU, gloo), side by side in one run; and with
+trainer.async_save, the training time lost per save next to the host copy and the synchronous save.
 
     python benchmarks/bench_checkpoint.py [--hidden 768] [--layers 4] [--heads 12]
                                           [--dp 1 2 4] [--disk-mb 512] [--dir PATH]
+                                          [--async-rounds 2] [--async-steps 3] [--max-async-steps 20]
 
 First the disk under --dir (default: a temporary directory under the current directory; not
 /dev/shm) is measured: one sequential write of --disk-mb MB in 4 MiB blocks ending with fsync,
@@ -28,6 +30,24 @@ cache the same way, Checkpointer.load() of it. Printed per DP:
     just before and read just after, so it catches every allocation (torch, Python, safetensors)
     however brief; page-cache pages of the written files are not RSS and do not count. Printed next
     to the rank's share of the checkpoint bytes (the most it could need to stage its share).
+
+Then, in the same launch, the background save (trainer.async_save), for the claim that training
+stalls no more than the host copy plus 10% and less than a synchronous save. Each rank times
+Checkpointer._snapshot(copy=True) alone (the host copy; best of 2). Then cfg.trainer.async_save is
+set and, --async-rounds times: --async-steps training steps with no write in flight (each followed
+by poll(), as the trainer does), save() (from a barrier to its return: staging, the host copy,
+starting the writer thread), then steps with poll() until poll() makes the checkpoint visible (at
+most --max-async-steps; wait() then finishes any left), then as many
+steps again with nothing in flight. Printed per DP (slowest rank; mean over the rounds):
+
+  - host copy s; async save() returns s; steps slowed by s: the steps run while the writer was in
+    flight minus as many steps at the median time of the steps before and after with none;
+  - async stall total s = returns + slowed; sync save s (the synchronous save above); stall / host
+    copy and stall / sync; steps overlapped, the baseline step time and what wait() still blocked.
+
+On a CPU-only machine the writer thread competes with training for the same cores, so the slowed
+steps are part of the cost here; on a GPU node they would be smaller. Every background save is
+finished (wait()) before the launch ends.
 
 Timings on a shared machine are noisy; nothing is asserted: it prints numbers.
 """
@@ -130,7 +150,8 @@ def measured(work) -> tuple:
     return seconds, (_status_kb("VmHWM") - base) / 1024, _rchar() - rchar
 
 
-def bench_rank(rank: int, layout, overrides: list, run_dir: str, out: str) -> None:
+def bench_rank(rank: int, layout, overrides: list, run_dir: str, out: str, rounds: int,
+               min_steps: int, max_steps: int) -> None:
     import torch.distributed as dist
 
     from tests.train_steps import make_engine, train
@@ -165,6 +186,7 @@ def bench_rank(rank: int, layout, overrides: list, run_dir: str, out: str) -> No
     result = {"rank": rank, "save_s": save_s, "load_s": load_s, "save_peak_mb": save_peak,
               "load_peak_mb": load_peak, "written_mb": written / MB, "read_mb": read / MB,
               "rss_state_mb": rss_state}
+    result.update(bench_async(cfg, engine, layout, checkpointer, rounds, min_steps, max_steps))
     if rank == 0:
         result["total_mb"] = sum(e["bytes"] for e in manifest["files"].values()) / MB
         result["params"] = sum(p.numel() for p in engine.module.parameters())
@@ -172,15 +194,75 @@ def bench_rank(rank: int, layout, overrides: list, run_dir: str, out: str) -> No
     Path(f"{out}.rank{rank}").write_text(json.dumps(result))
 
 
+def bench_async(cfg, engine, layout, checkpointer, rounds: int, min_steps: int, max_steps: int) -> dict:
+    """This rank's host-copy times and, per round, the async save's return time, its steps (time
+    of each, poll() included) and the residual wait(), and the baseline steps around them."""
+    import statistics
+
+    import torch.distributed as dist
+
+    from tests.train_steps import train
+    from training.train import LoopState
+
+    gbs = cfg.trainer.global_batch_size
+    step = 1  # one step was taken before the synchronous save
+
+    def timed_step() -> tuple:
+        nonlocal step
+        start = time.perf_counter()
+        train(cfg, engine, layout, step, 1)
+        done = checkpointer.poll()  # as the trainer does at each step boundary
+        step += 1
+        return time.perf_counter() - start, done
+
+    copies = []
+    for _ in range(2):
+        dist.barrier()
+        start = time.perf_counter()
+        snapshot = checkpointer._snapshot(LoopState(step, gbs * step, gbs * step * 32), copy=True)
+        copies.append(time.perf_counter() - start)
+        del snapshot
+
+    cfg.trainer.async_save = True  # Checkpointer.save() reads it at each call
+    out = {"copy_s": copies, "rounds": []}
+    try:
+        for _ in range(rounds):
+            before = [timed_step()[0] for _ in range(min_steps)]
+            dist.barrier()
+            start = time.perf_counter()
+            checkpointer.save(LoopState(step, gbs * step, gbs * step * 32))
+            returned = time.perf_counter() - start
+            during, done = [], None
+            while done is None and len(during) < max_steps:
+                seconds, done = timed_step()
+                during.append(seconds)
+            start = time.perf_counter()
+            left = checkpointer.wait()  # None when poll() already finished it
+            residual = time.perf_counter() - start
+            after = [timed_step()[0] for _ in range(len(during))]
+            baseline = statistics.median(before + after)
+            out["rounds"].append({"return_s": returned, "during": during, "before": before, "after": after,
+                                  "baseline_step_s": baseline,
+                                  "extra_s": sum(during) - baseline * len(during),
+                                  "finished_in_steps": done is not None, "wait_s": residual,
+                                  "waited": left is not None})
+    finally:
+        checkpointer.wait()  # no background save outlives the launch
+        cfg.trainer.async_save = False
+    dist.barrier()
+    return out
+
+
 # -- the driver -----------------------------------------------------------------------------------
 
-def run_dp(dp: int, overrides: list, work: Path) -> list:
+def run_dp(dp: int, overrides: list, work: Path, rounds: int, min_steps: int, max_steps: int) -> list:
     from parallelism.topology import Layout
     from tests.multiprocess import run_processes
 
     run_dir = work / f"dp{dp}"
     out = str(work / f"dp{dp}.json")
-    run_processes(bench_rank, Layout(1, 1, dp), Layout(1, 1, dp), overrides, str(run_dir), out)
+    run_processes(bench_rank, Layout(1, 1, dp), Layout(1, 1, dp), overrides, str(run_dir), out, rounds,
+                  min_steps, max_steps)
     results = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(dp)]
     shutil.rmtree(run_dir, ignore_errors=True)
     return results
@@ -208,6 +290,11 @@ def main() -> None:
     parser.add_argument("--disk-mb", type=int, default=512, help="size of the disk probe file")
     parser.add_argument("--dir", type=Path, default=None,
                         help="where checkpoints go (default: a temporary directory here)")
+    parser.add_argument("--async-rounds", type=int, default=2, help="async saves per DP size")
+    parser.add_argument("--async-steps", type=int, default=3,
+                        help="baseline steps before each async save (and the fewest counted after it)")
+    parser.add_argument("--max-async-steps", type=int, default=20,
+                        help="most steps run after an async save waiting for poll() to finish it")
     args = parser.parse_args()
 
     parent = args.dir or Path.cwd()
@@ -217,7 +304,8 @@ def main() -> None:
                  f"model.num_heads={args.heads}", "parallel.zero_stage=1", "trainer.precision=fp32"]
     try:
         probes = [disk_rates(work, args.disk_mb)]
-        runs = {dp: run_dp(dp, overrides, work) for dp in args.dp}
+        runs = {dp: run_dp(dp, overrides, work, args.async_rounds, args.async_steps, args.max_async_steps)
+                for dp in args.dp}
         probes.append(disk_rates(work, args.disk_mb))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -262,6 +350,53 @@ def main() -> None:
     print("save/load MB/s: checkpoint bytes / slowest rank's time; % of the one-stream disk rates above (against the faster-slower probe). "
           "+peak: most any rank's RSS high-water mark rose above its RSS just before save/load; share MB: "
           "that rank's bytes written; state MB/rank: RSS after the step (training state + libraries).")
+    print_async(runs, args)
+
+
+def print_async(runs: dict, args) -> None:
+    print()
+    print(f"async save (trainer.async_save=True): training time lost per save, mean of {args.async_rounds} "
+          f"saves per DP; all values the slowest rank's")
+    header = ("DP", "host copy s", "async save() returns s", "steps slowed by s", "async stall total s",
+              "sync save s", "stall / host copy", "stall / sync", "steps overlapped", "base step s",
+              "wait() after s")
+    rows, notes = [], []
+    for dp, results in runs.items():
+        n = len(results[0]["rounds"])
+        copy = max(min(r["copy_s"]) for r in results)
+        returns = [max(r["rounds"][i]["return_s"] for r in results) for i in range(n)]
+        extras = [max(r["rounds"][i]["extra_s"] for r in results) for i in range(n)]
+        stalls = [max(r["rounds"][i]["return_s"] + r["rounds"][i]["extra_s"] for r in results) for i in range(n)]
+        waits = [max(r["rounds"][i]["wait_s"] for r in results) for i in range(n)]
+        steps = [len(results[0]["rounds"][i]["during"]) for i in range(n)]
+        base = [max(r["rounds"][i]["baseline_step_s"] for r in results) for i in range(n)]
+        finished = all(r["rounds"][i]["finished_in_steps"] for r in results for i in range(n))
+        stall = sum(stalls) / n
+        sync = max(r["save_s"] for r in results)
+        rows.append((dp, f"{copy:.2f}", f"{sum(returns) / n:.2f}", f"{sum(extras) / n:.2f}", f"{stall:.2f}",
+                     f"{sync:.2f}", f"{stall / copy:.2f}", f"{stall / sync:.2f}",
+                     "/".join(map(str, steps)), "/".join(f"{b:.2f}" for b in base),
+                     "/".join(f"{w:.2f}" for w in waits)))
+        notes.append(f"DP {dp}: per save: stall " + ", ".join(f"{x:.2f}" for x in stalls)
+                     + " s; save() returned in " + ", ".join(f"{x:.2f}" for x in returns)
+                     + " s; steps slowed by " + ", ".join(f"{x:.2f}" for x in extras) + " s; host copies "
+                     + ", ".join(f"{max(r['copy_s'][i] for r in results):.2f}" for i in range(2)) + " s"
+                     + ("" if finished else f"; the writer outlived {args.max_async_steps} steps (wait() above blocked)"))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in (header, *rows):
+        print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
+    for note in notes:
+        print(note)
+    print("host copy: Checkpointer._snapshot(copy=True) alone, best of 2 per rank, slowest rank. async save() returns: "
+          "from the call (after a barrier) to its return (barrier, staging dir, the host copy, writer thread start). "
+          "steps slowed by: the steps run after it, each with poll() as the trainer does, until poll() made the "
+          "checkpoint visible (steps overlapped), minus as many baseline steps (median of the "
+          f"{args.async_steps} steps before and as many after with no write in flight: base step s). "
+          "stall = returns + slowed, per rank, slowest rank; sync save s: the synchronous save() above (one run). "
+          "wait() after: what wait() still blocked once the steps were done (0 when poll() had finished it).")
+    print(f"On these {os.cpu_count()} CPU cores the writer thread (hashing, safetensors, fsync) competes with "
+          "training for the same cores, so the slowed-steps part is real here; on a GPU node, where steps run on "
+          "the GPU and the writer on otherwise idle host cores, it would be smaller.")
 
 
 if __name__ == "__main__":
