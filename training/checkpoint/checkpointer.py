@@ -114,6 +114,7 @@ class Checkpointer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.params = self._local_parameters()
         self._pending: Optional[PendingSave] = None
+        self._ranges: dict = {}  # set per load: see _partition_ranges
 
     # -- which parameters this rank holds, under canonical names ------------------------------
 
@@ -406,17 +407,21 @@ class Checkpointer:
         rng_file = f"rng/rank{dist.get_rank():05d}.pt"
         read_rng = same_layout and rng_file in manifest["files"]
         has_optim = any(f.startswith("optim/") and f.endswith(".safetensors") for f in manifest["files"])
+        self._ranges = {}
         read = _agreed(lambda: self._verified_reader(directory, manifest, has_optim, read_rng and rng_file))
         meta = json.loads((Path(directory) / "optim" / "meta.json").read_text()) if has_optim else {}
         self._ensure_adam_state()
         for name, param in self.params:
-            self._set(param, None, read("model", name, MASTER))
+            self._put(name, param, None, read("model", name, MASTER))
         if self._zero3():
             self._refresh_zero3_weights()
+        if self._ranges:
+            # The model's own weights from the fp32 partitions, all-gathered over DP.
+            self.engine.engine.optimizer.update_lp_params()
         if has_optim:
             for key in ADAM_STATES:
                 for name, param in self.params:
-                    self._set(param, key, read("optim", name, key))
+                    self._put(name, param, key, read("optim", name, key))
             self._set_adam_step(meta.get("adam_step", 0.0))
             self._restore_scaler(meta.get("loss_scaler", {}))
         if read_rng:
@@ -444,11 +449,46 @@ class Checkpointer:
         readers = {kind: FragmentReader(directory, manifest, kind) for kind in ("model", "optim")
                    if kind == "model" or has_optim}
         states = {"model": [MASTER], "optim": list(ADAM_STATES)}
+        self._ranges = self._partition_ranges(readers["model"])
         for kind, reader in readers.items():
             for name, _ in self.params:
                 for state in states[kind]:
-                    reader.verify_shard(name, state, *self._tp_coordinates(name))
-        return lambda kind, name, state: readers[kind].tp_shard(name, state, *self._tp_coordinates(name))
+                    if name in self._ranges:
+                        if self._ranges[name] is not None:
+                            reader.verify_range(name, state, self._tp_coordinates(name)[0], *self._ranges[name])
+                    else:
+                        reader.verify_shard(name, state, *self._tp_coordinates(name))
+
+        def read(kind, name, state):
+            reader, tp_rank = readers[kind], self._tp_coordinates(name)[0]
+            if name in self._ranges:  # this rank's ZeRO partition only (None: it holds none)
+                return None if self._ranges[name] is None else reader.flat_range(name, state, tp_rank, *self._ranges[name])
+            return reader.tp_shard(name, state, *self._tp_coordinates(name))
+        return read
+
+    def _partition_ranges(self, reader: FragmentReader) -> dict:
+        """name -> (start, numel) in its flattened TP shard of the fragment this rank's ZeRO-1/2
+        (or BF16_Optimizer) partition holds, None when it holds none: for the parameters whose
+        saved TP split is this run's, a rank reads only that. Stage 3 and ZeRO 0 read TP shards."""
+        if not self._zero() or self._zero3():
+            return {}
+        ranges = {}
+        for name, param in self.params:
+            if reader.same_split(name, self._tp_coordinates(name)[1]):
+                address = param._hp_mapping.lp_fragment_address if param._hp_mapping is not None else None
+                ranges[name] = None if address is None else (address.start, address.numel)
+        return ranges
+
+    def _put(self, name: str, param, key: Optional[str], value) -> None:
+        """Hand what read() returned to the optimizer: this rank's partition straight into its
+        fp32 fragment, or a whole TP shard through DeepSpeed's setters."""
+        if name not in self._ranges:
+            self._set(param, key, value)
+        elif value is not None:
+            mapping = param._hp_mapping
+            target = mapping.hp_fragment if key is None else mapping.get_optim_state_fragment(key)
+            with torch.no_grad():
+                target.copy_(value.to(target.device))
 
     def _tp_coordinates(self, name: str) -> tuple:
         return (0, 1) if files.split_of(name).dim is None else (self.tp_rank, self.layout.tp)

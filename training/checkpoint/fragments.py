@@ -107,6 +107,38 @@ class FragmentReader:
             if not same_split or first.tp_dim is None or fragment.tp_rank == tp_rank:
                 self._verify(rel)
 
+    def same_split(self, name: str, tp_size: int) -> bool:
+        """Whether the checkpoint holds `name` split as a run at `tp_size` splits it."""
+        first = self._fragments(name, MASTER)[0][1]
+        return first.tp_dim is None or first.tp_size == tp_size
+
+    def _overlapping(self, name: str, state: str, tp_rank: int, start: int, numel: int) -> list:
+        first = self._fragments(name, state)[0][1]
+        rank = 0 if first.tp_dim is None else tp_rank
+        return [(rel, f) for rel, f in self._fragments(name, state)
+                if f.tp_rank == rank and f.offset < start + numel and start < f.offset + f.numel]
+
+    def verify_range(self, name: str, state: str, tp_rank: int, start: int, numel: int) -> None:
+        for rel, _ in self._overlapping(name, state, tp_rank, start, numel):
+            self._verify(rel)
+
+    def flat_range(self, name: str, state: str, tp_rank: int, start: int, numel: int) -> torch.Tensor:
+        """Elements start..start+numel of the flattened TP shard `tp_rank` (saved at the TP size
+        the caller runs at), read from the fragments that overlap them only, sliced in the file:
+        what one ZeRO partition needs, whatever DP size and stage saved it."""
+        out = torch.empty(numel, dtype=torch.float32)
+        covered = 0
+        for rel, f in self._overlapping(name, state, tp_rank, start, numel):
+            lo, hi = max(start, f.offset), min(start + numel, f.offset + f.numel)
+            self._verify(rel)
+            with safe_open(str(self.directory / rel), framework="pt") as handle:
+                out[lo - start: hi - start] = handle.get_slice(f.key)[lo - f.offset: hi - f.offset]
+            covered += hi - lo
+        if covered != numel:
+            raise CheckpointError(f"{self.directory}: {name}/{state} elements {start}..{start + numel} of "
+                                  f"shard {tp_rank}: {covered} saved")
+        return out
+
     def names(self, state: str = MASTER) -> list:
         return sorted(key[: -len(state) - 1] for key in self.index if key.endswith("/" + state))
 
