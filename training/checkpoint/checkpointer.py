@@ -99,6 +99,15 @@ class PendingSave:
         except Exception as failure:  # reported to every rank by Checkpointer.wait
             self.error = f"{type(failure).__name__}: {failure}"
 
+    def run_in_background(self, write) -> None:
+        """run(), at the lowest CPU priority: the writer should take the cycles training leaves
+        (on Linux a thread has its own nice value)."""
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
+        self.run(write)
+
 
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", torch.float32, copy=True).reshape(-1)
@@ -210,7 +219,7 @@ class Checkpointer:
         snapshot = self._snapshot(loop_state, copy=self.cfg.trainer.async_save)
         self._pending = PendingSave(final, staging, snapshot)
         if self.cfg.trainer.async_save:
-            self._pending.thread = threading.Thread(target=self._pending.run, args=(self._write,),
+            self._pending.thread = threading.Thread(target=self._pending.run_in_background, args=(self._write,),
                                                     name="checkpoint-writer", daemon=True)
             self._pending.thread.start()
             return final
