@@ -139,12 +139,6 @@ class FragmentReader:
                                   f"shard {tp_rank}: {covered} saved")
         return out
 
-    def names(self, state: str = MASTER) -> list:
-        return sorted(key[: -len(state) - 1] for key in self.index if key.endswith("/" + state))
-
-    def has(self, name: str, state: str) -> bool:
-        return f"{name}/{state}" in self.index
-
     def tp_shard(self, name: str, state: str, tp_rank: int, tp_size: int) -> torch.Tensor:
         """The TP shard `tp_rank` of `tp_size` of one parameter's state. When the checkpoint was
         saved at this TP size only that shard's fragments are read; otherwise the whole tensor
