@@ -225,7 +225,7 @@ class Trainer:
         s, cfg = self.state, self.cfg
         seq = cfg.data.seq_length
         flops = model_flops_per_iteration(cfg.model, padded_vocab_size(cfg.model, self.layout.tp),
-                                          result.global_batch, seq, cfg.model.activation_checkpointing)
+                                          result.global_batch, seq, cfg.model.recompute == "full")
         metrics = {
             "step": s.iteration, "lm_loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
             "loss_scale": result.loss_scale, "skipped": result.skipped, "overflow": result.overflow,

@@ -13,7 +13,7 @@ from parallelism.precision_support import unsupported_reason
 from parallelism.topology import Layout
 from training.config.loader import ConfigError, RootConfig
 from training.model.kernels import BACKENDS
-from training.model.bloom import ffn_size, padded_vocab_size
+from training.model.bloom import RECOMPUTE, ffn_size, padded_vocab_size
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DECAY_STYLES = ("cosine", "linear", "constant")
@@ -51,6 +51,7 @@ def check_model(cfg: RootConfig) -> None:
     _require(padded % tp == 0,
              f"model.padded_vocab_size={padded} is not divisible by parallel.tp={tp}")
     _require(m.kernels in BACKENDS, f"model.kernels={m.kernels} is not one of {', '.join(BACKENDS)}")
+    _require(m.recompute in RECOMPUTE, f"model.recompute={m.recompute} is not one of {', '.join(RECOMPUTE)}")
     for key in ("hidden_dropout", "attention_dropout"):
         _require(0.0 <= getattr(m, key) < 1.0, f"model.{key}={getattr(m, key)} must be in [0, 1)")
 

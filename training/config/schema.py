@@ -27,7 +27,10 @@ class ModelConfig:
     attention_dropout: float = 0.1
     # eager | torch | flex | apex | auto: see training/model/kernels.py
     kernels: str = "auto"
-    activation_checkpointing: bool = False
+    # Activation recomputation (Korthikanti et al. 2022): none; selective = only the attention core
+    # (scores, softmax, attention dropout) is recomputed in backward, dropping its s^2 activations;
+    # full = each block keeps only its input and reruns its forward in backward.
+    recompute: str = "none"
 
 
 @dataclass

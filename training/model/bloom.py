@@ -52,6 +52,7 @@ class BloomAttention(nn.Module):
         self.dropout = cfg.attention_dropout
         self.kernels = kernels
         self.rng = tp.rng
+        self.recompute_core = cfg.recompute == "selective"
         # A tuple, not a buffer: casting the module to bf16 must not round the slopes.
         self.slopes = tuple(alibi_slopes_for_rank(cfg.num_heads, tp.rank, tp.size).tolist())
         self.query_key_value = mtp.ColumnParallelLinear(
@@ -71,10 +72,17 @@ class BloomAttention(nn.Module):
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
         slopes = torch.tensor(self.slopes, dtype=torch.float32, device=x.device)
         dropout = self.dropout if self.training else 0.0
-        with self.rng.fork():  # each rank's heads draw their own dropout mask
-            context = self.kernels.attention(q, k, v, slopes, dropout)
+        if self.recompute_core and _recomputing(self):
+            context = recomputed(self._core, self.rng, q, k, v, slopes, dropout)
+        else:
+            context = self._core(q, k, v, slopes, dropout)  # (B, heads/TP, T, head_dim)
         context = context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.dense(context)
+
+    def _core(self, q, k, v, slopes, dropout):
+        """Scores, softmax, attention dropout and the weighted sum: selective recompute's region."""
+        with self.rng.fork():  # each rank's heads draw their own dropout mask
+            return self.kernels.attention(q, k, v, slopes, dropout)
 
 
 class BloomMLP(nn.Module):
@@ -107,7 +115,7 @@ class BloomBlock(nn.Module):
         self.mlp = BloomMLP(cfg, tp, kernels)
         self.hidden_dropout = cfg.hidden_dropout
         self.rng = tp.rng
-        self.activation_checkpointing = cfg.activation_checkpointing
+        self.recompute_all = cfg.recompute == "full"
 
     def _bias_dropout_add(self, out, bias, residual):
         # Hidden dropout draws from the shared stream: every TP rank drops the same elements.
@@ -118,11 +126,25 @@ class BloomBlock(nn.Module):
         return self._bias_dropout_add(*self.mlp(self.post_attention_layernorm(x)), x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.activation_checkpointing and self.training and torch.is_grad_enabled()):
-            return self._forward(x)
-        tp_state = self.rng.snapshot()
-        contexts = functools.partial(_recompute_contexts, self.rng, tp_state)
-        return checkpoint(self._forward, x, use_reentrant=False, context_fn=contexts)
+        if self.recompute_all and _recomputing(self):
+            return recomputed(self._forward, self.rng, x)
+        return self._forward(x)
+
+
+# model.recompute: what a block recomputes in backward instead of keeping (see ModelConfig).
+RECOMPUTE = ("none", "selective", "full")
+
+
+def _recomputing(module: nn.Module) -> bool:
+    # Only a training forward that will run backward has activations worth dropping.
+    return module.training and torch.is_grad_enabled()
+
+
+def recomputed(fn, rng, *args):
+    """fn(*args), keeping only `args` for backward: the backward reruns fn first, with both random
+    streams rewound so that dropout draws the masks the forward drew."""
+    contexts = functools.partial(_recompute_contexts, rng, rng.snapshot())
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts)
 
 
 def _recompute_contexts(rng, tp_state):

@@ -36,14 +36,39 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1.0 + 0.044715 * x * x)))
 
 
-def bias_gelu_eager(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def bias_gelu_formula(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return gelu_tanh(x + bias)
+
+
+class _BiasGeLU(torch.autograd.Function):
+    """Megatron's bias + GeLU: backward keeps only the input and recomputes the rest, where
+    autograd through the formula would keep five more tensors of the FFN's width."""
+
+    @staticmethod
+    def forward(ctx, x, bias):
+        ctx.save_for_backward(x, bias)
+        return bias_gelu_formula(x, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, bias = ctx.saved_tensors
+        y = x + bias
+        tanh_out = torch.tanh(0.79788456 * y * (1.0 + 0.044715 * y * y))
+        # d/dy of 0.5*y*(1 + tanh(0.79788456*(y + 0.044715*y^3))); 0.1070322243 = 3*0.044715*0.79788456
+        slope = 0.5 * y * ((1.0 - tanh_out * tanh_out) * (0.79788456 + 0.1070322243 * y * y)) + 0.5 * (1.0 + tanh_out)
+        grad_x = slope * grad
+        return grad_x, grad_x.sum_to_size(bias.shape)
+
+
+def bias_gelu_eager(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return _BiasGeLU.apply(x, bias)
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled_bias_gelu():
     # Compiled once per process; dynamic shapes so a new sequence length does not recompile.
-    return torch.compile(bias_gelu_eager, dynamic=True)
+    # The compiler picks what backward keeps (it recomputes pointwise ops, as _BiasGeLU does).
+    return torch.compile(bias_gelu_formula, dynamic=True)
 
 
 def bias_gelu_compiled(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,9 @@ recomputed. At c=3 Megatron's formula gives 4.5*B*s*h*V for it, three quarters o
 We keep the formula as Megatron has it, so our TFLOPs compare with BigScience's logs;
 tests/test_metrics.py pins both facts against a count from the shapes.
 
+Selective recomputation (model.recompute=selective) reruns only the attention core; like Megatron
+we count it as c=3 (its extra 4*B*s^2*h per layer is left out), so only full recompute gives c=4.
+
 BLOOM_FACTS.md writes the pass factor as "c = 4/3": read 4 with recompute, 3 without. Taken
 as the number 4/3 it would give a third of the published 150 TFLOPs.
 """

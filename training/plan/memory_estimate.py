@@ -8,16 +8,27 @@ the first stage holds the word embedding, the last a tied copy of it and the fin
                                                                           / DP if ZeRO >= 2
   optimizer   = P x (8 bytes Adam moments + 4 bytes fp32 master weights when training in 16 bits)
                                                                           / DP if ZeRO >= 1
-  activations = in_flight x layers x per_layer  (+ one layer's full set when recomputing)
+  activations = in_flight x layers x per_layer  (+ one layer's recomputed set while recomputing)
                 (+ on the last stage, fp32 logits and their softmax: 2 x 4 x s x b x V/TP)
   overhead    = 2 GiB (CUDA context, NCCL buffers, allocator fragmentation)
 
-per_layer, bytes for one micro-batch of b sequences of s tokens, hidden h, a heads, TP t, 16-bit
-activations (Korthikanti et al. 2022, "Reducing Activation Recomputation", no sequence parallel):
-  s*b*h*(10 + 24/t + 5*a*s/(h*t))      without recomputation
-  2*s*b*h                              with full recomputation (only each block's input is kept)
-doubled for fp32 activations. in_flight = micro-batches whose activations a stage holds at once
-under 1F1B: min(pp - stage, micro-batches per step) (1 without pipelining).
+per_layer, bytes one block keeps for backward for one micro-batch of b sequences of s tokens, hidden
+h, a heads, TP t (Korthikanti et al. 2022, "Reducing Activation Recomputation", Table 2, no sequence
+parallel), counted as values of the activations' width and dropout masks:
+  none       values 4sbh (LayerNorm inputs x2, QKV and FFN inputs) + 12sbh/t (Q, K, V, attention
+             output, GeLU input 4h/t, GeLU output 4h/t) + a*s*s*b/t (softmax output)
+             + with attention dropout: a*s*s*b/t values (dropout output) and a*s*s*b/t mask
+             + with hidden dropout: 2sbh mask (after attention and after the MLP)
+  selective  none without the a*s*s*b terms (the attention core is recomputed in backward)
+  full       values sbh (the block's input: the block is recomputed in backward)
+Values take the activation width (2 bytes in 16 bits, 4 in fp32); a mask takes 1 byte on GPU (fused
+dropout keeps a bool mask) and the value width on CPU (torch keeps a float mask there). In 16 bits
+with both dropouts this is the paper's sbh(10 + 24/t + 5as/(ht)) and 2sbh with full recomputation.
+Recomputing adds one layer's recomputed set while its backward runs (the whole block for full, the
+a*s*s*b terms for selective). The s*s terms assume attention that materialises its scores (eager);
+fused attention (flex, SDPA's flash/efficient kernels) keeps none, so the estimate is an upper bound there.
+in_flight = micro-batches whose activations a stage holds at once under 1F1B:
+min(pp - stage, micro-batches per step) (1 without pipelining).
 """
 from dataclasses import asdict, dataclass
 from typing import List
@@ -65,26 +76,51 @@ def stage_parameters(cfg: ModelConfig, tp: int, layers: int, first: bool, last: 
     return total
 
 
+def per_layer_activation_bytes(cfg: ModelConfig, tp: int, seq: int, micro: int, recompute: str,
+                               value_bytes: int, mask_bytes: int) -> float:
+    """Bytes one block keeps for backward (the table above) for one micro-batch."""
+    sbh = seq * micro * cfg.hidden_size
+    if recompute == "full":
+        return sbh * value_bytes
+    hidden_masks = 2 * sbh if cfg.hidden_dropout > 0 else 0
+    kept = (4 * sbh + 12 * sbh / tp) * value_bytes + hidden_masks * mask_bytes
+    if recompute == "none":
+        kept += attention_core_bytes(cfg, tp, seq, micro, value_bytes, mask_bytes)
+    return kept
+
+
+def attention_core_bytes(cfg: ModelConfig, tp: int, seq: int, micro: int, value_bytes: int,
+                         mask_bytes: int) -> float:
+    """The s*s activations of one block's attention core: softmax output, and with attention
+    dropout its output and mask. Selective recomputation drops exactly these."""
+    scores = cfg.num_heads * seq * seq * micro / tp
+    if cfg.attention_dropout > 0:
+        return scores * (2 * value_bytes + mask_bytes)
+    return scores * value_bytes
+
+
 def _activation_bytes(cfg: ModelConfig, tp: int, seq: int, micro: int, precision: str) -> tuple:
-    """(kept per layer per micro-batch, one layer's full working set) in bytes."""
-    h, a = cfg.hidden_size, cfg.num_heads
-    full = seq * micro * h * (10 + 24 / tp + 5 * a * seq / (h * tp))
-    kept = 2 * seq * micro * h if cfg.activation_checkpointing else full
-    scale = 2 if precision == "fp32" else 1
-    return kept * scale, full * scale
+    """(kept per layer per micro-batch, transient working set of one recomputed layer) in bytes, on GPU."""
+    value = 4 if precision == "fp32" else 2
+    kept = per_layer_activation_bytes(cfg, tp, seq, micro, cfg.recompute, value, mask_bytes=1)
+    if cfg.recompute == "full":
+        return kept, per_layer_activation_bytes(cfg, tp, seq, micro, "none", value, 1)
+    if cfg.recompute == "selective":
+        return kept, attention_core_bytes(cfg, tp, seq, micro, value, 1)
+    return kept, 0.0
 
 
 def estimate(cfg: ModelConfig, layout: Layout, precision: str, zero_stage: int, seq: int,
              micro: int, micro_batches: int) -> List[StageMemory]:
     counts = stage_layer_counts(cfg.num_layers, layout.pp)
-    kept, full = _activation_bytes(cfg, layout.tp, seq, micro, precision)
+    kept, recomputing = _activation_bytes(cfg, layout.tp, seq, micro, precision)
     optimizer_bytes = 8 + (4 if precision != "fp32" else 0)
     stages = []
     for stage, layers in enumerate(counts):
         first, last = stage == 0, stage == layout.pp - 1
         params = stage_parameters(cfg, layout.tp, layers, first, last)
         in_flight = min(layout.pp - stage, micro_batches)
-        activations = in_flight * layers * kept + (full if cfg.activation_checkpointing else 0)
+        activations = in_flight * layers * kept + recomputing
         if last:
             activations += 2 * 4 * seq * micro * padded_vocab_size(cfg, layout.tp) / layout.tp
         weights = params * WEIGHT_BYTES[precision] / (layout.dp if zero_stage >= 3 else 1)

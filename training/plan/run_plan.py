@@ -49,7 +49,7 @@ def make_plan(cfg: RootConfig, layout: Layout) -> dict:
         "micro_batches_per_step": schedule.num_micro_batches(10 ** 18),
         "seq_length": cfg.data.seq_length,
         "layers_per_stage": stage_layer_counts(cfg.model.num_layers, layout.pp),
-        "activation_checkpointing": cfg.model.activation_checkpointing,
+        "recompute": cfg.model.recompute,
         "memory_per_gpu_gib": {
             "weights": round(worst.weights, 3), "gradients": round(worst.gradients, 3),
             "optimizer": round(worst.optimizer, 3), "activations": round(worst.activations, 3),
@@ -71,7 +71,7 @@ def format_plan(plan: dict) -> str:
         f"({plan['nodes']} nodes x {plan['procs_per_node']} {plan['gpu_type']}), ZeRO-{plan['zero_stage']}, {plan['precision']}",
         f"batch        micro {plan['micro_batch_size']}, global {plan['global_batch_size']} "
         f"({plan['micro_batches_per_step']} micro-batches per step), rampup {plan['rampup_batch_size'] or 'none'}, seq {plan['seq_length']}",
-        f"stages       blocks per stage {plan['layers_per_stage']}, activation checkpointing {plan['activation_checkpointing']}",
+        f"stages       blocks per stage {plan['layers_per_stage']}, recompute {plan['recompute']}",
         f"memory/GPU   {mem['total']:.1f} GiB on stage {mem['worst_stage']} (weights {mem['weights']:.1f}, grads {mem['gradients']:.1f}, "
         f"optimizer {mem['optimizer']:.1f}, activations {mem['activations']:.1f}, overhead {mem['overhead']:.1f}) "
         f"of {mem['gpu_memory_gib']:g} GiB: {fits}",
