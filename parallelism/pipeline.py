@@ -9,6 +9,8 @@ Layer sequence (index = LayerSpec position, also the per-layer init seed of trai
 and the loss (vocab-parallel cross entropy) on the last stage. Stages get blocks as
 parallelism/pipeline_partition.py says (BigScience's 5/6.../6/5 split for 176B).
 """
+import functools
+
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state
@@ -55,10 +57,10 @@ class FinalLayerNormPipe(nn.Module):
         return self.norm(x)
 
 
-def pipeline_loss(parallel_logits, labels):
+def pipeline_loss(parallel_logits, labels, chunk_tokens: int):
     """DeepSpeed hands the last stage the second element of each batch: (labels, loss_mask)."""
     target, loss_mask = labels
-    return language_model_loss(parallel_logits, target, loss_mask)
+    return language_model_loss(parallel_logits, target, loss_mask, chunk_tokens)
 
 
 class BloomPipeline(PipelineModule):
@@ -74,7 +76,8 @@ class BloomPipeline(PipelineModule):
             TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, cfg, tp, seed, forward_fn=output_logits,
                           tied_weight_attr="word_embeddings.weight"),
         ]
-        super().__init__(layers=layers, topology=topology, loss_fn=pipeline_loss,
+        loss_fn = functools.partial(pipeline_loss, chunk_tokens=cfg.loss_chunk_tokens)
+        super().__init__(layers=layers, topology=topology, loss_fn=loss_fn,
                          partition_method="bloom", activation_checkpoint_interval=0)
 
     def _partition_layers(self, method="bloom"):

@@ -37,7 +37,8 @@ def _require(condition: bool, message: str) -> None:
 
 def check_model(cfg: RootConfig) -> None:
     m, tp = cfg.model, cfg.parallel.tp
-    for key in ("hidden_size", "num_layers", "num_heads", "vocab_size", "pad_vocab_to_multiple_of"):
+    for key in ("hidden_size", "num_layers", "num_heads", "vocab_size", "pad_vocab_to_multiple_of",
+                "loss_chunk_tokens"):
         _require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
     _require(m.hidden_size % m.num_heads == 0,
              f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")

@@ -31,6 +31,9 @@ class ModelConfig:
     # (scores, softmax, attention dropout) is recomputed in backward, dropping its s^2 activations;
     # full = each block keeps only its input and reruns its forward in backward.
     recompute: str = "none"
+    # The loss takes this many tokens at a time into fp32 (training/model/vocab_loss.py): its one
+    # fp32 chunk is chunk x padded_vocab/TP x 4 bytes, 512 MiB at BLOOM's 250880 rows and TP1.
+    loss_chunk_tokens: int = 512
 
 
 @dataclass

@@ -10,7 +10,8 @@ Each tensor-parallel rank holds:
 - dense / dense_4h_to_h: the matching input slice (RowParallelLinear, all-reduce after);
 - every LayerNorm and the row-parallel biases whole.
 The output layer is the word embedding itself (tied): logits are vocab-parallel and the loss is
-megatron-core's vocab_parallel_cross_entropy, so the full vocabulary is never gathered in training.
+a vocab-parallel cross entropy (training/model/vocab_loss.py: megatron's arithmetic, a chunk of tokens
+at a time in fp32), so the full vocabulary is never gathered in training.
 """
 import contextlib
 import functools
@@ -28,6 +29,7 @@ from parallelism.tensor_parallel import TensorParallel, tensor_parallel_from_sta
 from training.model.alibi import alibi_slopes_for_rank
 from training.config.schema import ModelConfig
 from training.model.kernels import Kernels, select_kernels
+from training.model.vocab_loss import chunked_vocab_parallel_cross_entropy
 
 
 def padded_vocab_size(cfg: ModelConfig, tp: int) -> int:
@@ -204,6 +206,7 @@ class BloomModel(nn.Module):
         self.h = nn.ModuleList(make_block(cfg, tp, kernels, seed, i) for i in range(cfg.num_layers))
         self.ln_f = kernels.make_layer_norm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.embedding_dropout = cfg.hidden_dropout
+        self.loss_chunk_tokens = cfg.loss_chunk_tokens
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings_layernorm(self.word_embeddings(tokens))
@@ -216,7 +219,9 @@ class BloomModel(nn.Module):
         for block in self.h:
             x = block(x)
         logits = tied_logits(self.ln_f(x), self.word_embeddings.weight)
-        return logits if labels is None else language_model_loss(logits, labels, loss_mask)
+        if labels is None:
+            return logits
+        return language_model_loss(logits, labels, loss_mask, self.loss_chunk_tokens)
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor = None):
         return self(tokens, labels, loss_mask)
@@ -229,13 +234,15 @@ def tied_logits(hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.T
     return F.linear(hidden, embedding_weight)
 
 
-def language_model_loss(parallel_logits, labels, loss_mask=None) -> torch.Tensor:
-    """Mean token cross entropy over the (masked) tokens, computed on vocab-parallel logits in fp32.
+def language_model_loss(parallel_logits, labels, loss_mask=None,
+                        chunk_tokens: int = ModelConfig.loss_chunk_tokens) -> torch.Tensor:
+    """Mean token cross entropy over the (masked) tokens, computed on vocab-parallel logits in fp32,
+    `chunk_tokens` tokens at a time (model.loss_chunk_tokens).
 
-    It consumes `parallel_logits`: megatron's vocab_parallel_cross_entropy works in place to save
-    a logits-sized buffer, so a caller that needs the logits afterwards passes a clone.
+    It consumes `parallel_logits`: its backward writes their gradient into them to save a
+    logits-sized buffer, so a caller that needs the logits after backward passes a clone.
     """
-    losses = mtp.vocab_parallel_cross_entropy(parallel_logits.float(), labels)
+    losses = chunked_vocab_parallel_cross_entropy(parallel_logits, labels, chunk_tokens)
     if loss_mask is None:
         return losses.mean()
     loss_mask = loss_mask.to(losses.dtype)

@@ -9,7 +9,8 @@ the first stage holds the word embedding, the last a tied copy of it and the fin
   optimizer   = P x (8 bytes Adam moments + 4 bytes fp32 master weights when training in 16 bits)
                                                                           / DP if ZeRO >= 1
   activations = in_flight x layers x per_layer  (+ one layer's recomputed set while recomputing)
-                (+ on the last stage, fp32 logits and their softmax: 2 x 4 x s x b x V/TP)
+                (+ on the last stage, the logits s x b x V/TP at the activation width, whose
+                 storage their gradient reuses, and one fp32 loss chunk: 4 x chunk x V/TP)
   overhead    = 2 GiB (CUDA context, NCCL buffers, allocator fragmentation)
 
 per_layer, bytes one block keeps for backward for one micro-batch of b sequences of s tokens, hidden
@@ -110,6 +111,13 @@ def _activation_bytes(cfg: ModelConfig, tp: int, seq: int, micro: int, precision
     return kept, 0.0
 
 
+def _logits_bytes(cfg: ModelConfig, tp: int, seq: int, micro: int, precision: str) -> float:
+    """The last stage's logits and the loss's one fp32 chunk (training/model/vocab_loss.py)."""
+    vocab = padded_vocab_size(cfg, tp) / tp
+    tokens = seq * micro
+    return tokens * vocab * WEIGHT_BYTES[precision] + min(cfg.loss_chunk_tokens, tokens) * vocab * 4
+
+
 def estimate(cfg: ModelConfig, layout: Layout, precision: str, zero_stage: int, seq: int,
              micro: int, micro_batches: int) -> List[StageMemory]:
     counts = stage_layer_counts(cfg.num_layers, layout.pp)
@@ -122,7 +130,7 @@ def estimate(cfg: ModelConfig, layout: Layout, precision: str, zero_stage: int, 
         in_flight = min(layout.pp - stage, micro_batches)
         activations = in_flight * layers * kept + recomputing
         if last:
-            activations += 2 * 4 * seq * micro * padded_vocab_size(cfg, layout.tp) / layout.tp
+            activations += _logits_bytes(cfg, layout.tp, seq, micro, precision)
         weights = params * WEIGHT_BYTES[precision] / (layout.dp if zero_stage >= 3 else 1)
         grads = params * GRAD_BYTES[precision] / (layout.dp if zero_stage >= 2 else 1)
         optim = params * optimizer_bytes / (layout.dp if zero_stage >= 1 else 1)
