@@ -32,6 +32,7 @@ setup(
         "transformers>=4.44",
         "tokenizers>=0.19",
         "safetensors>=0.4",
+        "xxhash>=3",  # checkpoint checksums (training/checkpoint/files.py)
         "hydra-core>=1.3,<1.4",
         "omegaconf>=2.3",
         "numpy",

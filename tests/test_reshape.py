@@ -50,11 +50,15 @@ def _load_then_continue(rank, layout, checkpoints, run_dir, out, zero=1):
     """Each checkpoint in turn loaded into a fresh engine at `layout` (ZeRO stage `zero`) and
     continued CONTINUE steps (one launch for several loads); rank 0 writes one list of losses per
     checkpoint."""
-    got = []
+    got, reads = [], []
     for checkpoint in checkpoints:
         cfg, engine = make_engine(_overrides(layout, run_dir, zero), layout)
         state = Checkpointer(cfg, layout, engine).load(checkpoint)
         assert state["iteration"] == SAVE_AT and not state["same_layout"]
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, dict(state["bytes_read"], tensor_bytes=state["tensor_bytes"],
+                                              own=_own_fp32_bytes(engine, zero)))
+        reads.append(everyone)
         got.append([r["loss"] for r in train(cfg, engine, layout, SAVE_AT, CONTINUE)])
         if zero == 3:
             # After training (before the first forward every parameter is released): DeepSpeed
@@ -67,7 +71,17 @@ def _load_then_continue(rank, layout, checkpoints, run_dir, out, zero=1):
             assert "word_embeddings.weight" in partitioned, partitioned
     if dist.get_rank() == 0:
         with open(out, "w") as f:
-            json.dump(got, f)
+            json.dump({"losses": got, "reads": reads}, f)
+
+
+def _own_fp32_bytes(engine, zero: int) -> int:
+    """Bytes of this rank's fp32 masters, as DeepSpeed's optimizer holds them (its partitions)."""
+    optimizer = engine.engine.optimizer
+    if zero == 3:
+        flat = optimizer.fp32_partitioned_groups_flat
+    else:
+        flat = getattr(optimizer, "single_partition_of_fp32_groups", None) or optimizer.fp32_groups_flat_partition
+    return 4 * sum(t.numel() for t in flat)
 
 
 def _saved(tmp_path_factory, layout: Layout):
@@ -92,11 +106,17 @@ def saved_tp2(tmp_path_factory):
     return _saved(tmp_path_factory, Layout(2, 1, 1))
 
 
-def _continue(tmp_path, checkpoints: list, layout: Layout, zero: int = 1) -> list:
+def _continue(tmp_path, checkpoints: list, layout: Layout, zero: int = 1, reads: list = None) -> list:
+    """The losses continued from each checkpoint; `reads` (if given) gets, per checkpoint, what
+    each rank read: {"verify", "load": tensor bytes, "tensor_bytes": the checkpoint's, "own": the
+    rank's fp32 partition bytes}."""
     out = tmp_path / "reshaped.json"
     run_processes(_load_then_continue, layout, layout, [str(c) for c in checkpoints], str(tmp_path), str(out),
                   zero)
-    return json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    if reads is not None:
+        reads.extend(result["reads"])
+    return result["losses"]
 
 
 def _assert_matches(got: list, expected: list) -> None:
@@ -105,9 +125,24 @@ def _assert_matches(got: list, expected: list) -> None:
         assert abs(a - b) / abs(b) < RTOL, f"step {SAVE_AT + step}: {a} vs unreshaped {b}"
 
 
-def _check(tmp_path, saved, layout: Layout, zero: int = 1):
+def _check(tmp_path, saved, layout: Layout, zero: int = 1) -> list:
+    """Continue `saved` at `layout`; returns what each rank read (see _continue)."""
     checkpoint, expected = saved
-    _assert_matches(_continue(tmp_path, [checkpoint], layout, zero)[0], expected)
+    reads = []
+    _assert_matches(_continue(tmp_path, [checkpoint], layout, zero, reads)[0], expected)
+    return reads[0]
+
+
+def _assert_reads_own_share(reads: list, verified_at_most: float = None) -> None:
+    """Each rank loaded its partition of the masters and both moments: 3 x its fp32 partition
+    bytes, less DeepSpeed's alignment padding, which no checkpoint holds (within 1%). Optionally,
+    the chunks it verified to do so were at most `verified_at_most` x what it loaded (chunk
+    digests cover 4 MiB: the demo's fragments are one chunk each, so a rank verifies whole
+    fragments; tests/test_fragment_reader.py shows the chunk granularity on a larger tensor)."""
+    for rank, r in enumerate(reads):
+        assert r["load"] == pytest.approx(3 * r["own"], rel=0.01), (rank, r)
+        if verified_at_most is not None:
+            assert r["verify"] <= verified_at_most * r["load"], (rank, r)
 
 
 def _without_adam_state(checkpoint, copy):
@@ -139,14 +174,25 @@ def test_3d_checkpoint_continues_at_tp1_pp1_dp2(tmp_path, saved_3d):
 
 
 def test_3d_checkpoint_continues_at_tp1_pp1_dp4_zero2(tmp_path, saved_3d):
-    """ZeRO-1 partitions of a TP2 x PP2 x DP2 run regathered into ZeRO-2 partitions over 4 DP ranks."""
-    _check(tmp_path, saved_3d, Layout(1, 1, 4), zero=2)
+    """ZeRO-1 partitions of a TP2 x PP2 x DP2 run regathered into ZeRO-2 partitions over 4 DP ranks,
+    each rank reading only its partition's slices of the saved fragments."""
+    reads = _check(tmp_path, saved_3d, Layout(1, 1, 4), zero=2)
+    _assert_reads_own_share(reads, verified_at_most=2)
+    # Every saved byte loaded by exactly one rank, and each rank far from reading the checkpoint.
+    assert sum(r["load"] for r in reads) == pytest.approx(reads[0]["tensor_bytes"], rel=0.01), reads
+    assert all(r["load"] + r["verify"] < 0.8 * r["tensor_bytes"] for r in reads), reads
 
 
 def test_3d_checkpoint_continues_at_tp2_pp1_dp2_zero3(tmp_path, saved_3d):
     """...and into ZeRO-3 partitions of TP2 shards (the word embedding really partitioned: asserted
     in _load_then_continue; the smaller weights stay whole, as DeepSpeed keeps them)."""
     _check(tmp_path, saved_3d, Layout(2, 1, 2), zero=3)
+
+
+def test_tp1_checkpoint_continues_at_tp2_pp1_dp2_zero3(tmp_path, saved_dp2):
+    """A TP split the checkpoint does not have, read straight into ZeRO-3 partitions: each rank
+    reads the rows of both halves of every split weight it needs, and no more."""
+    _assert_reads_own_share(_check(tmp_path, saved_dp2, Layout(2, 1, 2), zero=3))
 
 
 def test_3d_checkpoint_continues_at_tp2_pp1_dp1(saved_3d, continued_3d_at_tp2):

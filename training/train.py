@@ -147,6 +147,7 @@ class Trainer:
         dropped = self.metrics.truncate_after(s.iteration)
         self._say(f"resumed from {directory} at iteration {s.iteration}, {s.consumed_samples} samples"
                   + ("" if saved["same_layout"] else " (new layout: weights and optimizer state reshaped)")
+                  + _read_summary(saved)
                   + (f"; dropped {dropped} metrics lines logged after it" if dropped else ""))
 
     def save(self) -> None:
@@ -340,3 +341,12 @@ def run(cfg) -> int:
         return 0
     finally:
         shutdown()
+
+
+def _read_summary(saved: dict) -> str:
+    """What rank 0 read of the checkpoint (format 2): its own part, not the whole."""
+    read = saved.get("bytes_read", {})
+    if not read.get("load"):
+        return ""
+    return (f"; rank 0 read {read['load'] / 2**20:.1f} MB of tensors (and verified "
+            f"{read['verify'] / 2**20:.1f} MB) of the checkpoint's {saved['tensor_bytes'] / 2**20:.1f} MB")

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.utils import (safe_get_local_fp32_param, safe_get_local_optimizer_state,
-                             safe_set_full_fp32_param, safe_set_full_optimizer_state)
+                             safe_set_full_fp32_param, safe_set_full_optimizer_state,
+                             safe_set_local_fp32_param, safe_set_local_optimizer_state)
 from megatron.core import parallel_state
 
 from parallelism.pipeline import canonical_name
@@ -123,7 +124,7 @@ class Checkpointer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.params = self._local_parameters()
         self._pending: Optional[PendingSave] = None
-        self._ranges: dict = {}  # set per load: see _partition_ranges
+        self._ranges: dict = {}  # per load, at ZeRO: name -> this rank's partition (see _needed)
 
     # -- which parameters this rank holds, under canonical names ------------------------------
 
@@ -292,7 +293,7 @@ class Checkpointer:
         torch.save(snapshot.rng, staging / rel)
         with open(staging / rel, "rb") as f:
             os.fsync(f.fileno())
-        hashed[rel] = {"bytes": (staging / rel).stat().st_size, "sha256": files.sha256(staging / rel)}
+        hashed[rel] = files.digest_file(staging / rel)
         self._maybe_die_for_test(snapshot.loop.iteration)
         return hashed
 
@@ -307,28 +308,35 @@ class Checkpointer:
             return False
         return self._zero() or self.dp_rank == 0
 
+    def _partition(self, param) -> Optional[tuple]:
+        """(offset, numel) in the flattened TP shard of `param` of the range this rank's ZeRO
+        partition holds, None when it holds none of it (ZeRO only)."""
+        if self._zero3():
+            size = param.ds_tensor.ds_numel
+            offset = dist.get_rank(group=param.ds_process_group) * size
+            numel = max(0, min(size, param.ds_numel - offset))  # the last partition is padded
+            return (offset, numel) if numel else None
+        mapping = param._hp_mapping
+        if mapping is None:
+            return None
+        return mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+
     def _local_piece(self, param, moments: bool):
         """(offset, numel, master, {state: moment}) of the flat range of this rank's TP shard of
         `param` that this rank's optimizer holds, or None when it holds none of it."""
         keys = ADAM_STATES if moments else ()
+        if not self._zero():
+            state = self.engine.optimizer.state.get(param, {})
+            return 0, param.numel(), param.detach(), {k: state[k] for k in keys}
+        partition = self._partition(param)
+        if partition is None:
+            return None
+        offset, numel = partition
         if self._zero3():
-            group = param.ds_process_group
-            size = param.ds_tensor.ds_numel
-            offset = dist.get_rank(group=group) * size
-            numel = max(0, min(size, param.ds_numel - offset))  # the last partition is padded
-            if numel == 0:
-                return None
-            master = safe_get_local_fp32_param(param)[:numel]
-            return offset, numel, master, {k: safe_get_local_optimizer_state(param, k)[:numel] for k in keys}
-        if self._zero():
-            mapping = param._hp_mapping
-            if mapping is None:
-                return None
-            address = mapping.lp_fragment_address
-            return (address.start, address.numel, mapping.hp_fragment,
-                    {k: mapping.get_optim_state_fragment(k) for k in keys})
-        state = self.engine.optimizer.state.get(param, {})
-        return 0, param.numel(), param.detach(), {k: state[k] for k in keys}
+            return offset, numel, safe_get_local_fp32_param(param)[:numel], \
+                {k: safe_get_local_optimizer_state(param, k)[:numel] for k in keys}
+        mapping = param._hp_mapping
+        return offset, numel, mapping.hp_fragment, {k: mapping.get_optim_state_fragment(k) for k in keys}
 
     def _fragment(self, name: str, param, offset: int, numel: int, state: str) -> Fragment:
         dim = files.split_of(name).dim
@@ -416,7 +424,7 @@ class Checkpointer:
         rng_file = f"rng/rank{dist.get_rank():05d}.pt"
         read_rng = same_layout and rng_file in manifest["files"]
         has_optim = any(f.startswith("optim/") and f.endswith(".safetensors") for f in manifest["files"])
-        self._ranges = {}
+        self._ranges, self._readers = {}, {}
         read = _agreed(lambda: self._verified_reader(directory, manifest, has_optim, read_rng and rng_file))
         meta = json.loads((Path(directory) / "optim" / "meta.json").read_text()) if has_optim else {}
         self._ensure_adam_state()
@@ -424,7 +432,7 @@ class Checkpointer:
             self._put(name, param, None, read("model", name, MASTER))
         if self._zero3():
             self._refresh_zero3_weights()
-        if self._ranges:
+        elif self._ranges:
             # The model's own weights from the fp32 partitions, all-gathered over DP.
             self.engine.engine.optimizer.update_lp_params()
         if has_optim:
@@ -437,6 +445,12 @@ class Checkpointer:
             set_rng_state(self.engine, torch.load(Path(directory) / rng_file, weights_only=True))
         state = json.loads((Path(directory) / "trainer_state.json").read_text())
         state["same_layout"] = same_layout
+        for reader in self._readers.values():
+            reader.close()
+        state["bytes_read"] = {purpose: sum(r.bytes_read[purpose] for r in self._readers.values())
+                               for purpose in ("verify", "load")}
+        state["tensor_bytes"] = sum(entry["bytes"] for rel, entry in manifest["files"].items()
+                                    if rel.endswith(".safetensors"))
         return state
 
     def _verified_reader(self, directory: Path, manifest: dict, has_optim: bool, rng_file):
@@ -455,44 +469,48 @@ class Checkpointer:
                 full = files.read_full_tensors(directory, kind, [name], suffix=suffix)[name]
                 return self._shard(full, name, padded)
             return read_v1
-        readers = {kind: FragmentReader(directory, manifest, kind) for kind in ("model", "optim")
-                   if kind == "model" or has_optim}
+        readers = self._readers = {kind: FragmentReader(directory, manifest, kind)
+                                   for kind in ("model", "optim") if kind == "model" or has_optim}
         states = {"model": [MASTER], "optim": list(ADAM_STATES)}
-        self._ranges = self._partition_ranges(readers["model"])
+        self._ranges = {name: self._partition(param) for name, param in self.params} if self._zero() else {}
         for kind, reader in readers.items():
-            for name, _ in self.params:
+            for name, param in self.params:
+                needed = self._needed(name, param)
                 for state in states[kind]:
-                    if name in self._ranges:
-                        if self._ranges[name] is not None:
-                            reader.verify_range(name, state, self._tp_coordinates(name)[0], *self._ranges[name])
-                    else:
-                        reader.verify_shard(name, state, *self._tp_coordinates(name))
+                    if needed is not None:
+                        reader.verify_range(name, state, *self._tp_coordinates(name), *needed)
+
+        by_name = dict(self.params)
 
         def read(kind, name, state):
-            reader, tp_rank = readers[kind], self._tp_coordinates(name)[0]
-            if name in self._ranges:  # this rank's ZeRO partition only (None: it holds none)
-                return None if self._ranges[name] is None else reader.flat_range(name, state, tp_rank, *self._ranges[name])
-            return reader.tp_shard(name, state, *self._tp_coordinates(name))
+            param = by_name[name]
+            needed = self._needed(name, param)
+            if needed is None:
+                return None
+            value = readers[kind].read_range(name, state, *self._tp_coordinates(name), *needed)
+            return value if self._zero() else value.view(param.shape)
         return read
 
-    def _partition_ranges(self, reader: FragmentReader) -> dict:
-        """name -> (start, numel) in its flattened TP shard of the fragment this rank's ZeRO-1/2
-        (or BF16_Optimizer) partition holds, None when it holds none: for the parameters whose
-        saved TP split is this run's, a rank reads only that. Stage 3 and ZeRO 0 read TP shards."""
-        if not self._zero() or self._zero3():
-            return {}
-        ranges = {}
-        for name, param in self.params:
-            if reader.same_split(name, self._tp_coordinates(name)[1]):
-                address = param._hp_mapping.lp_fragment_address if param._hp_mapping is not None else None
-                ranges[name] = None if address is None else (address.start, address.numel)
-        return ranges
+    def _needed(self, name: str, param) -> Optional[tuple]:
+        """(start, numel) of the flattened TP shard of `name` this rank loads: its ZeRO partition
+        (None: it holds none), or the whole shard without ZeRO."""
+        if self._zero():
+            return self._ranges[name]
+        return 0, param.numel()
 
     def _put(self, name: str, param, key: Optional[str], value) -> None:
-        """Hand what read() returned to the optimizer: this rank's partition straight into its
-        fp32 fragment, or a whole TP shard through DeepSpeed's setters."""
+        """Hand what read() returned to the optimizer: a ZeRO partition straight into its fp32
+        partition (stage 3: padded to the partition's size), a whole TP shard (no ZeRO, or a
+        format-1 checkpoint) through the setters."""
         if name not in self._ranges:
             self._set(param, key, value)
+        elif value is not None and self._zero3():
+            padded = torch.zeros(param.ds_tensor.ds_numel, dtype=torch.float32)
+            padded[:value.numel()] = value
+            if key is None:
+                safe_set_local_fp32_param(param, padded)
+            else:
+                safe_set_local_optimizer_state(param, padded, key)
         elif value is not None:
             mapping = param._hp_mapping
             target = mapping.hp_fragment if key is None else mapping.get_optim_state_fragment(key)

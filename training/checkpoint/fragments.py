@@ -19,15 +19,16 @@ DeepSpeed's universal checkpoint is an offline conversion of its own per-rank fi
 that gathers each parameter whole in one process. Both would force the gather this format avoids.
 """
 import json
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from safetensors import safe_open
+import xxhash
 
-from training.checkpoint.files import CheckpointError, sha256, write_tensors
+from training.checkpoint.files import CHUNK_BYTES, DIGEST, CheckpointError, matches, read_header, write_flat_tensors
 
 MASTER = "master"
 METADATA_KEY = "fragments"
@@ -63,49 +64,85 @@ class Fragment:
 
 def write_fragments(path: Path, fragments: List[tuple]) -> dict:
     """Write [(Fragment, 1-D tensor)] to one safetensors file, fsync it, and return its
-    {"bytes", "sha256"} entry for the manifest (each rank hashes only what it wrote)."""
-    tensors = {f.key: t.detach().reshape(-1).float().cpu() for f, t in fragments}
+    {"bytes", "xxh3_128"} entry for the manifest (each rank hashes only what it wrote, as it
+    writes it)."""
     meta = {f.key: {**f.__dict__, "shape": list(f.shape)} for f, _ in fragments}
-    write_tensors(path, tensors, metadata={METADATA_KEY: json.dumps(meta)})
-    return {"bytes": path.stat().st_size, "sha256": sha256(path)}
+    return write_flat_tensors(path, [(f.key, t.reshape(-1)) for f, t in fragments],
+                              metadata={METADATA_KEY: json.dumps(meta)})
 
 
 class FragmentReader:
-    """Reads full tensors or TP shards of a format-2 checkpoint, one tensor at a time, opening only
-    the files that hold a needed fragment and checking each file's checksum before its first use."""
+    """Reads ranges of TP shards (or whole tensors) of a format-2 checkpoint, one tensor at a time.
+
+    Every file's header is checked against the manifest when the reader opens the checkpoint;
+    the 4 MiB chunks of a fragment that a read needs against their digests in that header
+    (verify_range(), before any state changes), so a rank verifies what it reads, not whole
+    files of other ranks. Files of manifests written before chunk digests are checked whole."""
 
     def __init__(self, directory: Path, manifest: dict, kind: str):
         self.directory, self.manifest = Path(directory), manifest
         self.index: Dict[str, List[tuple]] = defaultdict(list)  # key -> [(file, Fragment)]
+        self.where: Dict[tuple, tuple] = {}  # (file, key) -> (first byte, chunk digests or None)
         self.verified = set()
+        self.bytes_read = {"verify": 0, "load": 0}  # tensor bytes this reader read, per pass
+        self.handles: Dict[str, int] = {}  # file -> open descriptor (close())
         for rel in sorted(f for f in manifest["files"] if f.startswith(f"{kind}/rank")):
-            for key, meta in self._metadata(rel).items():
-                meta = dict(meta, shape=tuple(meta["shape"]))
-                self.index[key].append((rel, Fragment(**meta)))
+            self._open(rel)
 
-    def _metadata(self, rel: str) -> dict:
+    def _open(self, rel: str) -> None:
+        header, data_start = read_header(self.directory / rel, self.manifest["files"][rel])
+        metadata = header.get("__metadata__") or {}
         try:
-            with safe_open(str(self.directory / rel), framework="pt") as f:
-                return json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
-        except (OSError, ValueError, RuntimeError) as error:
-            raise CheckpointError(f"{self.directory / rel}: unreadable fragment file ({error})") from None
+            digests = json.loads(metadata.get(DIGEST, "{}"))
+            for key, meta in json.loads(metadata.get(METADATA_KEY, "{}")).items():
+                fragment = Fragment(**dict(meta, shape=tuple(meta["shape"])))
+                begin, end = header[key]["data_offsets"]
+                if header[key]["dtype"] != "F32" or end - begin != 4 * fragment.numel:
+                    raise ValueError(f"{key}: {header[key]} does not hold {fragment.numel} fp32 elements")
+                self.index[key].append((rel, fragment))
+                self.where[(rel, key)] = (data_start + begin, digests.get(key))
+        except (ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{self.directory / rel}: unreadable fragment table ({error})") from None
 
-    def _verify(self, rel: str) -> None:
-        if rel in self.verified:
+    def _read(self, rel: str, fragment: Fragment, lo: int, hi: int, purpose: str = "load") -> torch.Tensor:
+        """Elements lo..hi of one fragment, read from its file."""
+        out = torch.empty(hi - lo, dtype=torch.float32)
+        self.bytes_read[purpose] += 4 * (hi - lo)
+        if rel not in self.handles:
+            self.handles[rel] = os.open(self.directory / rel, os.O_RDONLY)
+        view, at, got = memoryview(out.numpy()).cast("B"), self.where[(rel, fragment.key)][0] + 4 * lo, 0
+        while got < len(view):
+            n = os.preadv(self.handles[rel], [view[got:]], at + got)
+            if not n:
+                raise CheckpointError(f"{self.directory / rel}: {fragment.key} is cut short")
+            got += n
+        return out
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            os.close(handle)
+        self.handles.clear()
+
+    __del__ = close
+
+    def _verify(self, rel: str, fragment: Fragment, lo: int = 0, hi: Optional[int] = None) -> None:
+        """Check elements lo..hi of one fragment: the digests of the chunks holding them (or,
+        written without chunk digests, the whole file)."""
+        digests = self.where[(rel, fragment.key)][1]
+        if digests is None:
+            if (rel, None) not in self.verified and not matches(self.directory / rel, self.manifest["files"][rel]):
+                raise CheckpointError(f"{self.directory / rel}: size or checksum differs from the manifest (corrupt)")
+            self.verified.add((rel, None))
             return
-        expected, path = self.manifest["files"][rel], self.directory / rel
-        if path.stat().st_size != expected["bytes"] or sha256(path) != expected["sha256"]:
-            raise CheckpointError(f"{path}: size or checksum differs from the manifest (corrupt)")
-        self.verified.add(rel)
-
-    def verify_shard(self, name: str, state: str, tp_rank: int, tp_size: int) -> None:
-        """Check the checksums of the files tp_shard() would read for these arguments."""
-        fragments = self._fragments(name, state)
-        first = fragments[0][1]
-        same_split = first.tp_dim is None or first.tp_size == tp_size
-        for rel, fragment in fragments:
-            if not same_split or first.tp_dim is None or fragment.tp_rank == tp_rank:
-                self._verify(rel)
+        per_chunk = CHUNK_BYTES // 4
+        hi = fragment.numel if hi is None else hi
+        for chunk in range(lo // per_chunk, -(-hi // per_chunk)):
+            if (rel, fragment.key, chunk) in self.verified:
+                continue
+            data = self._read(rel, fragment, chunk * per_chunk, min(fragment.numel, (chunk + 1) * per_chunk), "verify")
+            if chunk >= len(digests) or xxhash.xxh3_128(memoryview(data.numpy())).hexdigest() != digests[chunk]:
+                raise CheckpointError(f"{self.directory / rel}: {fragment.key} differs from its checksum (corrupt)")
+            self.verified.add((rel, fragment.key, chunk))
 
     def same_split(self, name: str, tp_size: int) -> bool:
         """Whether the checkpoint holds `name` split as a run at `tp_size` splits it."""
@@ -118,39 +155,84 @@ class FragmentReader:
         return [(rel, f) for rel, f in self._fragments(name, state)
                 if f.tp_rank == rank and f.offset < start + numel and start < f.offset + f.numel]
 
-    def verify_range(self, name: str, state: str, tp_rank: int, start: int, numel: int) -> None:
-        for rel, _ in self._overlapping(name, state, tp_rank, start, numel):
-            self._verify(rel)
-
     def flat_range(self, name: str, state: str, tp_rank: int, start: int, numel: int) -> torch.Tensor:
-        """Elements start..start+numel of the flattened TP shard `tp_rank` (saved at the TP size
-        the caller runs at), read from the fragments that overlap them only, sliced in the file:
-        what one ZeRO partition needs, whatever DP size and stage saved it."""
+        """Elements start..start+numel of the flattened saved TP shard `tp_rank`, read from the
+        fragments that overlap them only, sliced in the file."""
         out = torch.empty(numel, dtype=torch.float32)
         covered = 0
         for rel, f in self._overlapping(name, state, tp_rank, start, numel):
             lo, hi = max(start, f.offset), min(start + numel, f.offset + f.numel)
-            self._verify(rel)
-            with safe_open(str(self.directory / rel), framework="pt") as handle:
-                out[lo - start: hi - start] = handle.get_slice(f.key)[lo - f.offset: hi - f.offset]
+            self._verify(rel, f, lo - f.offset, hi - f.offset)
+            out[lo - start: hi - start] = self._read(rel, f, lo - f.offset, hi - f.offset)
             covered += hi - lo
         if covered != numel:
             raise CheckpointError(f"{self.directory}: {name}/{state} elements {start}..{start + numel} of "
                                   f"shard {tp_rank}: {covered} saved")
         return out
 
+    def verify_range(self, name: str, state: str, tp_rank: int, tp_size: int, start: int, numel: int) -> None:
+        """Check the chunks read_range() would read for these arguments against their digests."""
+        for saved_rank, span_start, span_numel, *_ in self._plan(name, state, tp_rank, tp_size, start, numel):
+            for rel, f in self._overlapping(name, state, saved_rank, span_start, span_numel):
+                self._verify(rel, f, max(span_start, f.offset) - f.offset,
+                             min(span_start + span_numel, f.offset + f.numel) - f.offset)
+
+    def read_range(self, name: str, state: str, tp_rank: int, tp_size: int, start: int, numel: int) -> torch.Tensor:
+        """Elements start..start+numel of the flattened TP shard `tp_rank` of `tp_size` (this run's
+        split, whatever split saved it): what a ZeRO partition, or (the whole range) a rank
+        without ZeRO, needs. Only the saved fragments that overlap it are read, sliced in the
+        file (row by row where the saved rows are wider than the ones needed)."""
+        out = torch.empty(numel, dtype=torch.float32)
+        for saved_rank, span_start, span_numel, rows, width, saved_row, at, row in \
+                self._plan(name, state, tp_rank, tp_size, start, numel):
+            target = out.as_strided((rows, width), (row, 1), at)
+            if width < saved_row and rows > 1:  # the saved rows are wider: read the needed part of each
+                for i in range(rows):
+                    target[i] = self.flat_range(name, state, saved_rank, span_start + i * saved_row, width)
+            else:
+                span = self.flat_range(name, state, saved_rank, span_start, span_numel)
+                target.copy_(span.as_strided((rows, width), (saved_row, 1)))
+        return out
+
     def tp_shard(self, name: str, state: str, tp_rank: int, tp_size: int) -> torch.Tensor:
-        """The TP shard `tp_rank` of `tp_size` of one parameter's state. When the checkpoint was
-        saved at this TP size only that shard's fragments are read; otherwise the whole tensor
-        is assembled (one tensor beyond the rank's own state) and cut."""
-        fragments = self._fragments(name, state)
-        _, first = fragments[0]
-        if first.tp_dim is None:
-            return self._assemble(name, state, fragments, 0, 1)
-        if first.tp_size == tp_size:
-            return self._assemble(name, state, [x for x in fragments if x[1].tp_rank == tp_rank], tp_rank, tp_size)
-        full = self.full(name, state)
-        return full.chunk(tp_size, dim=first.tp_dim)[tp_rank].contiguous()
+        """The whole TP shard `tp_rank` of `tp_size` of one parameter's state."""
+        shape = self._shard_shape(name, state, tp_size)
+        return self.read_range(name, state, tp_rank, tp_size, 0, int(torch.Size(shape).numel())).view(shape)
+
+    def _shard_shape(self, name: str, state: str, tp_size: int) -> tuple:
+        first = self._fragments(name, state)[0][1]
+        shape = list(first.shape)
+        if first.tp_dim is not None:
+            shape[first.tp_dim] //= tp_size
+        return tuple(shape)
+
+    def _plan(self, name: str, state: str, tp_rank: int, tp_size: int, start: int, numel: int) -> list:
+        """How to read a range of a TP shard at this run's split from the saved split: a list of
+        (saved TP rank, start and numel of the span read from that saved shard, rows, width,
+        the saved shard's row stride, where the rows go in the result, the result's row stride).
+
+        View a full tensor of shape [outer..., B, inner...] split along B as rows: one row per
+        outer index, B x inner elements wide; a TP shard is then a column block of every row, and
+        the range a contiguous run of its rows (a partial first and last row). Where a saved
+        shard's column block meets the range's columns, the span from the first to the last
+        element needed is read and its rows copied. With the same split, one span: the range."""
+        first = self._fragments(name, state)[0][1]
+        if first.tp_dim is None or first.tp_size == tp_size:
+            return [(0 if first.tp_dim is None else tp_rank, start, numel, 1, numel, numel, 0, numel)]
+        dim, shape = first.tp_dim, first.shape
+        inner = int(torch.Size(shape[dim + 1:]).numel())
+        width, saved_width = shape[dim] // tp_size * inner, shape[dim] // first.tp_size * inner
+        column0 = tp_rank * width  # where this shard's block starts in a full row
+        plan = []
+        for row0, row1, lo, hi in _row_segments(start, numel, width):
+            for saved in range(first.tp_size):
+                u, v = max(column0 + lo, saved * saved_width), min(column0 + hi, (saved + 1) * saved_width)
+                if u < v:
+                    rows = row1 - row0
+                    plan.append((saved, row0 * saved_width + u - saved * saved_width,
+                                 (rows - 1) * saved_width + v - u, rows, v - u, saved_width,
+                                 row0 * width + u - column0 - start, width))
+        return plan
 
     def full(self, name: str, state: str = MASTER) -> torch.Tensor:
         fragments = self._fragments(name, state)
@@ -178,11 +260,29 @@ class FragmentReader:
             if fragment.offset != covered:
                 raise CheckpointError(f"{self.directory}: {name}/{state} shard {tp_rank}: elements "
                                       f"{covered}..{fragment.offset} missing or written twice")
-            self._verify(rel)
-            with safe_open(str(self.directory / rel), framework="pt") as f:
-                flat[fragment.offset: fragment.offset + fragment.numel] = f.get_tensor(fragment.key)
+            self._verify(rel, fragment)
+            flat[fragment.offset: fragment.offset + fragment.numel] = self._read(rel, fragment, 0, fragment.numel)
             covered += fragment.numel
         if covered != flat.numel():
             raise CheckpointError(f"{self.directory}: {name}/{state} shard {tp_rank}: {covered} of "
                                   f"{flat.numel()} elements saved")
         return flat.view(shape)
+
+
+def _row_segments(start: int, numel: int, width: int) -> list:
+    """Elements start..start+numel of a [rows, width] array as at most three blocks (a partial
+    first row, the full rows, a partial last row): [(row0, row1, column lo, column hi)]."""
+    end, segments = start + numel, []
+    row, column = divmod(start, width)
+    if column:
+        segments.append((row, row + 1, column, min(width, column + numel)))
+        row += 1
+        if row * width >= end:
+            return segments
+    full = (end - row * width) // width
+    if full:
+        segments.append((row, row + full, 0, width))
+        row += full
+    if end > row * width:
+        segments.append((row, row + 1, 0, end - row * width))
+    return segments
