@@ -53,6 +53,11 @@ def deepspeed_config(cfg, layout: Layout, initial_global_batch: int) -> dict:
     if t.precision == "bf16":
         # BLOOM-176B's recipe; DeepSpeed's pipeline + ZeRO-1 in bf16 fails without it.
         config["data_types"] = {"grad_accum_dtype": "fp32"}
+    if cfg.parallel.sequence_parallel:
+        # DeepSpeed's pipeline sends each TP rank 1/TP of an activation and all-gathers it on the
+        # next stage, assuming TP ranks hold the same activation; under sequence parallelism each
+        # holds its own slice of the sequence, which must travel whole.
+        config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     return config
 
 
@@ -84,7 +89,7 @@ class BloomEngine:
             self._clip_in_optimizer_step(cfg.optim.clip_grad)
 
     def _build_module(self, cfg, seed, device):
-        self.tp = tensor_parallel_from_state(seed, device)
+        self.tp = tensor_parallel_from_state(seed, device, sequence_parallel=cfg.parallel.sequence_parallel)
         if not self.pipelined:
             return build_model(cfg.model, seed=seed, device=device, tp=self.tp)
         kernels = select_kernels(cfg.model.kernels, device, cfg.model.attention_dropout)

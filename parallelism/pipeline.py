@@ -17,6 +17,7 @@ from megatron.core import parallel_state
 from torch import nn
 
 from parallelism.pipeline_partition import stage_layer_counts
+from parallelism.sequence_parallel import sum_replicated_grads_over_tp
 from parallelism.tensor_parallel import TensorParallel
 from training.config.schema import ModelConfig
 from training.model.kernels import Kernels
@@ -30,13 +31,14 @@ class WordEmbeddingPipe(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int):
         super().__init__()
         self.word_embeddings = make_word_embeddings(cfg, tp, seed)
+        self.sequence_parallel = tp.sequence_parallel
 
     def forward(self, tokens):
         return self.word_embeddings(tokens)
 
 
 def output_logits(embedding: WordEmbeddingPipe, hidden):
-    return tied_logits(hidden, embedding.word_embeddings.weight)
+    return tied_logits(hidden, embedding.word_embeddings.weight, embedding.sequence_parallel)
 
 
 class BlockPipe(BloomBlock):
@@ -70,7 +72,7 @@ class BloomPipeline(PipelineModule):
         layers = [
             TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, cfg, tp, seed,
                           tied_weight_attr="word_embeddings.weight"),
-            LayerSpec(EmbeddingLayerNorm, cfg, kernels),
+            LayerSpec(EmbeddingLayerNorm, cfg, kernels, tp),
             *[LayerSpec(BlockPipe, cfg, tp, kernels, seed, i) for i in range(cfg.num_layers)],
             LayerSpec(FinalLayerNormPipe, cfg, kernels),
             TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, cfg, tp, seed, forward_fn=output_logits,
@@ -79,6 +81,8 @@ class BloomPipeline(PipelineModule):
         loss_fn = functools.partial(pipeline_loss, chunk_tokens=cfg.loss_chunk_tokens)
         super().__init__(layers=layers, topology=topology, loss_fn=loss_fn,
                          partition_method="bloom", activation_checkpoint_interval=0)
+        if tp.sequence_parallel:
+            sum_replicated_grads_over_tp(self)
 
     def _partition_layers(self, method="bloom"):
         """Stage boundaries from stage_layer_counts: embedding + its LayerNorm on the first stage,

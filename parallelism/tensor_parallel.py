@@ -14,10 +14,13 @@ class TensorParallel:
     size: int
     rng: TensorParallelRNG
     megatron_config: ModelParallelConfig
+    # Activations outside the TP matmuls split along the sequence (parallelism/sequence_parallel.py).
+    # megatron's config keeps sequence_parallel=False: its SP buffers are CUDA-only; ours are not.
+    sequence_parallel: bool = False
 
 
 def tensor_parallel_from_state(seed: int, device, params_dtype=torch.float32,
-                               initialize: bool = True) -> TensorParallel:
+                               initialize: bool = True, sequence_parallel: bool = False) -> TensorParallel:
     """The TP context of this process, read from an initialised megatron parallel_state.
 
     Weights are always initialised on the CPU from one full master tensor per parameter, then
@@ -35,4 +38,5 @@ def tensor_parallel_from_state(seed: int, device, params_dtype=torch.float32,
         pipeline_dtype=params_dtype,  # megatron insists when PP > 1; DeepSpeed moves the tensors
         gradient_accumulation_fusion=False,
     )
-    return TensorParallel(rank, size, TensorParallelRNG(seed, rank, torch.device(device)), config)
+    rng = TensorParallelRNG(seed, rank, torch.device(device))
+    return TensorParallel(rank, size, rng, config, sequence_parallel)

@@ -63,6 +63,11 @@ class KeptBytes:
 
 def kept_by_block(cfg: ModelConfig, monkeypatch, batch=2, seq=32) -> int:
     block = build_model(cfg, seed=3).h[0]
+    return kept_bytes(block, torch.randn(batch, seq, cfg.hidden_size, requires_grad=True), monkeypatch)
+
+
+def kept_bytes(block, x, monkeypatch) -> int:
+    """Bytes block(x) keeps for backward, x included (test_sequence_parallel counts its slice)."""
     counter = KeptBytes(block.parameters())
     real_checkpoint = bloom.checkpoint
 
@@ -73,7 +78,6 @@ def kept_by_block(cfg: ModelConfig, monkeypatch, batch=2, seq=32) -> int:
         return real_checkpoint(fn, *args, **kwargs)
 
     monkeypatch.setattr(bloom, "checkpoint", checkpoint_counting_inputs)
-    x = torch.randn(batch, seq, cfg.hidden_size, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(counter.add, lambda t: t):
         out = block(x)
     out.sum().backward()  # the kept tensors were enough to run backward

@@ -65,6 +65,12 @@ def check_layout(cfg: RootConfig, size: int) -> Layout:
              f"model.num_layers={cfg.model.num_layers} cannot be split over parallel.pp={p.pp} stages")
     _require(size % (p.tp * p.pp) == 0,
              f"world size {size} is not a multiple of parallel.tp x parallel.pp = {p.tp} x {p.pp}")
+    _require(not p.sequence_parallel or p.tp > 1,
+             f"parallel.sequence_parallel=true needs parallel.tp > 1 (got tp={p.tp}): it splits the "
+             "sequence over the tensor-parallel group")
+    _require(not p.sequence_parallel or cfg.data.seq_length % p.tp == 0,
+             f"parallel.sequence_parallel=true needs data.seq_length={cfg.data.seq_length} divisible "
+             f"by parallel.tp={p.tp}")
     dp = size // (p.tp * p.pp)
     _require(p.dp is None or p.dp == dp,
              f"parallel.dp={p.dp} disagrees with world size {size} / (tp {p.tp} x pp {p.pp}) = {dp}")

@@ -42,6 +42,9 @@ class ParallelConfig:
     pp: int = 1
     dp: Optional[int] = None  # derived from the world size when unset; must agree when set
     zero_stage: int = 1
+    # Split LayerNorms, dropouts and the residual stream along the sequence over the TP group
+    # (Korthikanti et al. 2022; parallelism/sequence_parallel.py). Needs tp > 1.
+    sequence_parallel: bool = False
 
 
 @dataclass

@@ -25,6 +25,8 @@ from megatron.core.utils import init_method_normal, scaled_init_method_normal
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from parallelism.sequence_parallel import (gather_from_sequence, gathered_linear, reduce_scatter_to_sequence,
+                                           scatter_to_sequence, sum_replicated_grads_over_tp)
 from parallelism.tensor_parallel import TensorParallel, tensor_parallel_from_state
 from training.model.alibi import alibi_slopes_for_rank
 from training.config.schema import ModelConfig
@@ -55,6 +57,7 @@ class BloomAttention(nn.Module):
         self.kernels = kernels
         self.rng = tp.rng
         self.recompute_core = cfg.recompute == "selective"
+        self.sequence_parallel = tp.sequence_parallel
         # A tuple, not a buffer: casting the module to bf16 must not round the slopes.
         self.slopes = tuple(alibi_slopes_for_rank(cfg.num_heads, tp.rank, tp.size).tolist())
         self.query_key_value = mtp.ColumnParallelLinear(
@@ -67,8 +70,8 @@ class BloomAttention(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """Returns the attention output before its bias, and the bias (added after dropout's input)."""
-        qkv, _ = self.query_key_value(x)
-        batch, seq, _ = qkv.shape
+        qkv, _ = column_parallel(self.query_key_value, x, self.sequence_parallel)
+        batch, seq, _ = qkv.shape  # the whole sequence, also under sequence parallelism
         # HF's layout: per head, q, k and v side by side.
         qkv = qkv.view(batch, seq, self.num_heads, 3, self.head_dim)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
@@ -79,7 +82,7 @@ class BloomAttention(nn.Module):
         else:
             context = self._core(q, k, v, slopes, dropout)  # (B, heads/TP, T, head_dim)
         context = context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
-        return self.dense(context)
+        return row_parallel(self.dense, context, self.sequence_parallel)
 
     def _core(self, q, k, v, slopes, dropout):
         """Scores, softmax, attention dropout and the weighted sum: selective recompute's region."""
@@ -92,6 +95,7 @@ class BloomMLP(nn.Module):
         super().__init__()
         h, ffn = cfg.hidden_size, ffn_size(cfg)
         self.kernels = kernels
+        self.sequence_parallel = tp.sequence_parallel
         self.dense_h_to_4h = mtp.ColumnParallelLinear(
             h, ffn, config=tp.megatron_config, init_method=init_method_normal(cfg.init_std),
             bias=True, gather_output=False, skip_bias_add=True)
@@ -101,8 +105,27 @@ class BloomMLP(nn.Module):
             bias=True, input_is_parallel=True, skip_bias_add=True)
 
     def forward(self, x: torch.Tensor):
-        intermediate, bias = self.dense_h_to_4h(x)
-        return self.dense_4h_to_h(self.kernels.bias_gelu(intermediate, bias))
+        intermediate, bias = column_parallel(self.dense_h_to_4h, x, self.sequence_parallel)
+        return row_parallel(self.dense_4h_to_h, self.kernels.bias_gelu(intermediate, bias), self.sequence_parallel)
+
+
+def column_parallel(layer: nn.Module, x: torch.Tensor, sequence_parallel: bool):
+    """(output, bias) of a column-parallel layer, as megatron's forward returns them; under sequence
+    parallelism its matmul runs on the whole sequence gathered from every rank's slice (megatron's
+    own sequence-parallel path allocates its buffers on CUDA)."""
+    if not sequence_parallel:
+        return layer(x)
+    bias = None if layer.skip_bias_add else layer.bias
+    return gathered_linear(x, layer.weight, bias), (layer.bias if layer.skip_bias_add else None)
+
+
+def row_parallel(layer: nn.Module, x: torch.Tensor, sequence_parallel: bool):
+    """(output, bias) of a row-parallel layer: megatron's forward all-reduces the partial outputs;
+    under sequence parallelism the same matmul's are reduce-scattered over the sequence instead
+    (megatron's own sequence-parallel path allocates its buffers on CUDA)."""
+    if not sequence_parallel:
+        return layer(x)
+    return reduce_scatter_to_sequence(torch.matmul(x, layer.weight.t())), layer.bias
 
 
 class BloomBlock(nn.Module):
@@ -118,10 +141,11 @@ class BloomBlock(nn.Module):
         self.hidden_dropout = cfg.hidden_dropout
         self.rng = tp.rng
         self.recompute_all = cfg.recompute == "full"
+        self.sequence_parallel = tp.sequence_parallel
 
     def _bias_dropout_add(self, out, bias, residual):
-        # Hidden dropout draws from the shared stream: every TP rank drops the same elements.
-        return residual + F.dropout(out + bias, p=self.hidden_dropout, training=self.training)
+        with hidden_dropout_stream(self.rng, self.sequence_parallel):
+            return residual + F.dropout(out + bias, p=self.hidden_dropout, training=self.training)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._bias_dropout_add(*self.self_attention(self.input_layernorm(x)), x)
@@ -131,6 +155,15 @@ class BloomBlock(nn.Module):
         if self.recompute_all and _recomputing(self):
             return recomputed(self._forward, self.rng, x)
         return self._forward(x)
+
+
+def hidden_dropout_stream(rng, sequence_parallel: bool):
+    """Where dropout outside the TP matmuls draws: without sequence parallelism every TP rank holds
+    the same activations and must drop the same elements (the shared stream); with it each rank
+    holds its own tokens and draws from its own TP stream, as Megatron does. The masks then differ
+    from a run without sequence parallelism: with dropout on, the two runs are equal in distribution,
+    not bitwise (the parity tests run with dropout 0)."""
+    return rng.fork() if sequence_parallel else contextlib.nullcontext()
 
 
 # model.recompute: what a block recomputes in backward instead of keeping (see ModelConfig).
@@ -183,16 +216,27 @@ def make_block(cfg: ModelConfig, tp: TensorParallel, kernels: Kernels, seed: int
         return BloomBlock(cfg, tp, kernels)
 
 
-class EmbeddingLayerNorm(nn.Module):
-    """BLOOM's LayerNorm right after the word embedding, then embedding dropout (Megatron's)."""
+def embedding_output(embedded: torch.Tensor, norm: nn.Module, dropout: float, training: bool,
+                     tp: TensorParallel) -> torch.Tensor:
+    """BLOOM's LayerNorm right after the word embedding, then embedding dropout (Megatron's); under
+    sequence parallelism on this rank's slice of the sequence, where the blocks take it."""
+    if tp.sequence_parallel:
+        embedded = scatter_to_sequence(embedded)
+    with hidden_dropout_stream(tp.rng, tp.sequence_parallel):
+        return F.dropout(norm(embedded), p=dropout, training=training)
 
-    def __init__(self, cfg: ModelConfig, kernels: Kernels):
+
+class EmbeddingLayerNorm(nn.Module):
+    """The embedding's LayerNorm and dropout as a pipeline layer."""
+
+    def __init__(self, cfg: ModelConfig, kernels: Kernels, tp: TensorParallel):
         super().__init__()
         self.norm = kernels.make_layer_norm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.dropout = cfg.hidden_dropout
+        self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(self.norm(x), p=self.dropout, training=self.training)
+        return embedding_output(x, self.norm, self.dropout, self.training, self.tp)
 
 
 class BloomModel(nn.Module):
@@ -207,10 +251,13 @@ class BloomModel(nn.Module):
         self.ln_f = kernels.make_layer_norm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.embedding_dropout = cfg.hidden_dropout
         self.loss_chunk_tokens = cfg.loss_chunk_tokens
+        self.tp = tp
+        if tp.sequence_parallel:
+            sum_replicated_grads_over_tp(self)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.word_embeddings_layernorm(self.word_embeddings(tokens))
-        return F.dropout(x, p=self.embedding_dropout, training=self.training)
+        return embedding_output(self.word_embeddings(tokens), self.word_embeddings_layernorm,
+                                self.embedding_dropout, self.training, self.tp)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor = None, loss_mask: torch.Tensor = None):
         """tokens [batch, seq] -> this rank's slice of the logits [batch, seq, padded_vocab / TP],
@@ -218,7 +265,7 @@ class BloomModel(nn.Module):
         x = self.embed(tokens)
         for block in self.h:
             x = block(x)
-        logits = tied_logits(self.ln_f(x), self.word_embeddings.weight)
+        logits = tied_logits(self.ln_f(x), self.word_embeddings.weight, self.tp.sequence_parallel)
         if labels is None:
             return logits
         return language_model_loss(logits, labels, loss_mask, self.loss_chunk_tokens)
@@ -227,10 +274,15 @@ class BloomModel(nn.Module):
         return self(tokens, labels, loss_mask)
 
 
-def tied_logits(hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+def tied_logits(hidden: torch.Tensor, embedding_weight: torch.Tensor,
+                sequence_parallel: bool = False) -> torch.Tensor:
     """Vocab-parallel logits from the tied embedding: identity forward, all-reduce of the input
-    gradient backward (each rank's logits depend on the whole hidden state)."""
-    hidden = mtp.copy_to_tensor_model_parallel_region(hidden)
+    gradient backward (each rank's logits depend on the whole hidden state); under sequence
+    parallelism the whole sequence is gathered first (and the gradient reduce-scattered)."""
+    if sequence_parallel:
+        hidden = gather_from_sequence(hidden)
+    else:
+        hidden = mtp.copy_to_tensor_model_parallel_region(hidden)
     return F.linear(hidden, embedding_weight)
 
 

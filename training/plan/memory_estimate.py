@@ -22,6 +22,8 @@ parallel), counted as values of the activations' width and dropout masks:
              + with hidden dropout: 2sbh mask (after attention and after the MLP)
   selective  none without the a*s*s*b terms (the attention core is recomputed in backward)
   full       values sbh (the block's input: the block is recomputed in backward)
+With sequence parallelism (parallel.sequence_parallel) the sbh terms that TP does not split (4sbh
+values, 2sbh mask, full's input) are split too: divided by t (the paper's sbh(34/t + 5as/(ht))).
 Values take the activation width (2 bytes in 16 bits, 4 in fp32); a mask takes 1 byte on GPU (fused
 dropout keeps a bool mask) and the value width on CPU (torch keeps a float mask there). In 16 bits
 with both dropouts this is the paper's sbh(10 + 24/t + 5as/(ht)) and 2sbh with full recomputation.
@@ -78,13 +80,14 @@ def stage_parameters(cfg: ModelConfig, tp: int, layers: int, first: bool, last: 
 
 
 def per_layer_activation_bytes(cfg: ModelConfig, tp: int, seq: int, micro: int, recompute: str,
-                               value_bytes: int, mask_bytes: int) -> float:
+                               value_bytes: int, mask_bytes: int, sequence_parallel: bool = False) -> float:
     """Bytes one block keeps for backward (the table above) for one micro-batch."""
     sbh = seq * micro * cfg.hidden_size
+    split = sbh / tp if sequence_parallel else sbh  # what a rank holds outside the TP matmuls
     if recompute == "full":
-        return sbh * value_bytes
-    hidden_masks = 2 * sbh if cfg.hidden_dropout > 0 else 0
-    kept = (4 * sbh + 12 * sbh / tp) * value_bytes + hidden_masks * mask_bytes
+        return split * value_bytes
+    hidden_masks = 2 * split if cfg.hidden_dropout > 0 else 0
+    kept = (4 * split + 12 * sbh / tp) * value_bytes + hidden_masks * mask_bytes
     if recompute == "none":
         kept += attention_core_bytes(cfg, tp, seq, micro, value_bytes, mask_bytes)
     return kept
@@ -100,12 +103,12 @@ def attention_core_bytes(cfg: ModelConfig, tp: int, seq: int, micro: int, value_
     return scores * value_bytes
 
 
-def _activation_bytes(cfg: ModelConfig, tp: int, seq: int, micro: int, precision: str) -> tuple:
+def _activation_bytes(cfg: ModelConfig, tp: int, seq: int, micro: int, precision: str, sp: bool) -> tuple:
     """(kept per layer per micro-batch, transient working set of one recomputed layer) in bytes, on GPU."""
     value = 4 if precision == "fp32" else 2
-    kept = per_layer_activation_bytes(cfg, tp, seq, micro, cfg.recompute, value, mask_bytes=1)
+    kept = per_layer_activation_bytes(cfg, tp, seq, micro, cfg.recompute, value, 1, sp)
     if cfg.recompute == "full":
-        return kept, per_layer_activation_bytes(cfg, tp, seq, micro, "none", value, 1)
+        return kept, per_layer_activation_bytes(cfg, tp, seq, micro, "none", value, 1, sp)
     if cfg.recompute == "selective":
         return kept, attention_core_bytes(cfg, tp, seq, micro, value, 1)
     return kept, 0.0
@@ -119,9 +122,9 @@ def _logits_bytes(cfg: ModelConfig, tp: int, seq: int, micro: int, precision: st
 
 
 def estimate(cfg: ModelConfig, layout: Layout, precision: str, zero_stage: int, seq: int,
-             micro: int, micro_batches: int) -> List[StageMemory]:
+             micro: int, micro_batches: int, sequence_parallel: bool = False) -> List[StageMemory]:
     counts = stage_layer_counts(cfg.num_layers, layout.pp)
-    kept, recomputing = _activation_bytes(cfg, layout.tp, seq, micro, precision)
+    kept, recomputing = _activation_bytes(cfg, layout.tp, seq, micro, precision, sequence_parallel)
     optimizer_bytes = 8 + (4 if precision != "fp32" else 0)
     stages = []
     for stage, layers in enumerate(counts):

@@ -33,7 +33,7 @@ def make_plan(cfg: RootConfig, layout: Layout) -> dict:
     schedule = batch_schedule(cfg, layout.dp)
     t = cfg.trainer
     stages = estimate(cfg.model, layout, t.precision, cfg.parallel.zero_stage, cfg.data.seq_length,
-                      t.micro_batch_size, schedule.num_micro_batches(10 ** 18))
+                      t.micro_batch_size, schedule.num_micro_batches(10 ** 18), cfg.parallel.sequence_parallel)
     worst = max(stages, key=lambda s: s.total)
     gpu_gib = cfg.launcher.gpu_memory_gib
     return {
@@ -50,6 +50,7 @@ def make_plan(cfg: RootConfig, layout: Layout) -> dict:
         "seq_length": cfg.data.seq_length,
         "layers_per_stage": stage_layer_counts(cfg.model.num_layers, layout.pp),
         "recompute": cfg.model.recompute,
+        "sequence_parallel": cfg.parallel.sequence_parallel,
         "memory_per_gpu_gib": {
             "weights": round(worst.weights, 3), "gradients": round(worst.gradients, 3),
             "optimizer": round(worst.optimizer, 3), "activations": round(worst.activations, 3),
@@ -71,7 +72,8 @@ def format_plan(plan: dict) -> str:
         f"({plan['nodes']} nodes x {plan['procs_per_node']} {plan['gpu_type']}), ZeRO-{plan['zero_stage']}, {plan['precision']}",
         f"batch        micro {plan['micro_batch_size']}, global {plan['global_batch_size']} "
         f"({plan['micro_batches_per_step']} micro-batches per step), rampup {plan['rampup_batch_size'] or 'none'}, seq {plan['seq_length']}",
-        f"stages       blocks per stage {plan['layers_per_stage']}, recompute {plan['recompute']}",
+        f"stages       blocks per stage {plan['layers_per_stage']}, recompute {plan['recompute']}, "
+        f"sequence parallel {plan['sequence_parallel']}",
         f"memory/GPU   {mem['total']:.1f} GiB on stage {mem['worst_stage']} (weights {mem['weights']:.1f}, grads {mem['gradients']:.1f}, "
         f"optimizer {mem['optimizer']:.1f}, activations {mem['activations']:.1f}, overhead {mem['overhead']:.1f}) "
         f"of {mem['gpu_memory_gib']:g} GiB: {fits}",
