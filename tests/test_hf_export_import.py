@@ -99,7 +99,7 @@ def test_import_writes_a_checkpoint_bloom_train_can_resume(imported, hf_dir):
     assert manifest["model"] == {"hidden_size": 64, "num_layers": 2, "num_heads": 4,
                                  "vocab_size": TOKENIZER_VOCAB, "padded_vocab_size": ROWS,
                                  "ffn_hidden_size": 256, "layer_norm_epsilon": 1e-5}
-    assert sorted(manifest["files"]) == ["config.yaml", "model/tp00-pp00.safetensors",
+    assert sorted(manifest["files"]) == ["config.yaml", "model/rank00000.safetensors",
                                          "tokenizer/special_tokens_map.json", "tokenizer/tokenizer.json",
                                          "tokenizer/tokenizer_config.json", "trainer_state.json"]
     assert json.loads((imported / "trainer_state.json").read_text()) == {
@@ -236,13 +236,13 @@ def test_missing_files_and_shape_mismatch_are_refused(hf_dir, tmp_path, capsys):
 def test_corrupted_checkpoint_file_is_refused_by_export(imported, tmp_path, capsys):
     copy = tmp_path / "checkpoints" / imported.name
     shutil.copytree(imported, copy)
-    shard = copy / "model" / "tp00-pp00.safetensors"
+    shard = copy / "model" / "rank00000.safetensors"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # inside the tensor data: the file still parses
     shard.write_bytes(bytes(data))
     status, _, err = run_cli(export_cli.main, [copy, "--out", tmp_path / "out", "--dtype", "fp32"], capsys)
     assert status == 2 and len(err) == 1, err
-    assert err[0].startswith("bloom-export: error:") and "model/tp00-pp00.safetensors" in err[0]
+    assert err[0].startswith("bloom-export: error:") and "model/rank00000.safetensors" in err[0]
     assert "checksum" in err[0]
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 

@@ -10,11 +10,15 @@ The Adam state is what makes this a continuation: the same checkpoint loaded at 
 without its optimizer files (a copy with optim/ and its manifest entries removed; the loader then
 starts Adam from zero moments and step 0) starts from the same loss but then leaves the unreshaped
 continuation by far more than the tolerance, so a reshape that lost the moments would be noticed."""
+import hashlib
 import json
 import shutil
 
 import pytest
+import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from parallelism.topology import Layout
 from tests.multiprocess import run_processes
@@ -159,14 +163,49 @@ def _without_adam_state(checkpoint, copy):
     return copy
 
 
+def _as_format_1(checkpoint, copy):
+    """A copy of `checkpoint` in format 1, what earlier versions wrote: whole TP shards under
+    canonical names (Adam's as "<name>/exp_avg"), model/tpXX-pp00.safetensors, replicated tensors
+    in every TP rank's file, sha256 in the manifest. Written here from the fragments with
+    safetensors and hashlib only."""
+    shutil.copytree(checkpoint, copy, ignore=shutil.ignore_patterns("*.safetensors", "manifest.json"))
+    manifest = json.loads((checkpoint / checkpoint_files.MANIFEST).read_text())
+    tp = manifest["saved_layout"]["tp"]
+    for kind in ("model", "optim"):
+        pieces = {}  # (key, tp rank) -> (shape, [(offset, tensor)])
+        for path in sorted((checkpoint / kind).glob("rank*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                table = json.loads(f.metadata()["fragments"])
+                for key in f.keys():
+                    meta = table[key]
+                    shape = list(meta["shape"])
+                    if meta["tp_dim"] is not None:
+                        shape[meta["tp_dim"]] //= meta["tp_size"]
+                    saved_key = meta["name"] if meta["state"] == "master" else key
+                    ranks = [meta["tp_rank"]] if meta["tp_dim"] is not None else range(tp)
+                    for rank in ranks:
+                        pieces.setdefault((saved_key, rank), (shape, []))[1].append((meta["offset"], f.get_tensor(key)))
+        for rank in range(tp):
+            tensors = {key: torch.cat([t for _, t in sorted(parts, key=lambda x: x[0])]).view(shape)
+                       for (key, r), (shape, parts) in pieces.items() if r == rank}
+            (copy / kind).mkdir(exist_ok=True)
+            save_file(tensors, str(copy / kind / f"tp{rank:02d}-pp00.safetensors"))
+    manifest["format"] = checkpoint_files.FORMAT_1
+    manifest["files"] = {str(p.relative_to(copy)): {"bytes": p.stat().st_size,
+                                                    "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+                         for p in sorted(copy.rglob("*")) if p.is_file()}
+    (copy / checkpoint_files.MANIFEST).write_text(json.dumps(manifest))
+    return copy
+
+
 @pytest.fixture(scope="module")
 def continued_3d_at_tp2(tmp_path_factory, saved_3d):
-    """One launch at TP2 x PP1 x DP1: the 3D checkpoint as saved, then (in a fresh engine) the same
-    checkpoint without its Adam state."""
+    """One launch at TP2 x PP1 x DP1: the 3D checkpoint as saved, then (each in a fresh engine) the
+    same checkpoint without its Adam state, and converted to format 1."""
     tmp = tmp_path_factory.mktemp("3d-at-tp2")
     stripped = _without_adam_state(saved_3d[0], tmp / f"iter_{SAVE_AT:08d}-without-adam")
-    with_adam, without_adam = _continue(tmp, [saved_3d[0], stripped], Layout(2, 1, 1))
-    return with_adam, without_adam
+    old_format = _as_format_1(saved_3d[0], tmp / f"iter_{SAVE_AT:08d}-format-1")
+    return _continue(tmp, [saved_3d[0], stripped, old_format], Layout(2, 1, 1))
 
 
 def test_3d_checkpoint_continues_at_tp1_pp1_dp2(tmp_path, saved_3d):
@@ -199,8 +238,13 @@ def test_3d_checkpoint_continues_at_tp2_pp1_dp1(saved_3d, continued_3d_at_tp2):
     _assert_matches(continued_3d_at_tp2[0], saved_3d[1])
 
 
+def test_format_1_checkpoint_continues(saved_3d, continued_3d_at_tp2):
+    """A checkpoint in the format earlier versions wrote loads and continues like the original."""
+    _assert_matches(continued_3d_at_tp2[2], saved_3d[1])
+
+
 def test_3d_checkpoint_without_adam_state_is_noticed(saved_3d, continued_3d_at_tp2):
-    expected, (real, dropped) = saved_3d[1], continued_3d_at_tp2
+    expected, (real, dropped, _) = saved_3d[1], continued_3d_at_tp2
     # The same weights were loaded: the first continued step (before any update) agrees...
     assert abs(dropped[0] - expected[0]) / abs(expected[0]) < RTOL
     # ...but Adam restarted from zero moments (and step 0) moves them elsewhere: the check every

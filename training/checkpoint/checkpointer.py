@@ -37,7 +37,6 @@ from training.checkpoint import files
 from training.checkpoint.fragments import MASTER, Fragment, FragmentReader, fragment_file, write_fragments
 from training.config.loader import ConfigError
 from training.model.bloom import ffn_size, padded_vocab_size
-from training.model.param_table import shard_tensor
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 # Fault injection for the tests: SIGKILL this process in the middle of saving this iteration.
@@ -454,21 +453,12 @@ class Checkpointer:
         return state
 
     def _verified_reader(self, directory: Path, manifest: dict, has_optim: bool, rng_file):
-        """read(kind, name, state) -> this rank's TP shard, after verifying what it will read:
-        format 2, the fragment files of this rank's shards; format 1 (whole shards, written by
-        bloom-import and earlier versions), every tensor file, on rank 0."""
+        """read(kind, name, state) -> what this rank loads of one tensor (its ZeRO partition, or
+        without ZeRO its TP shard), after verifying everything it will read: the small files, the
+        headers of the tensor files, and the chunks of the fragments it reads (format 1, whole
+        shards written by earlier versions: the files it reads, whole)."""
         small = [f for f in ("optim/meta.json", "trainer_state.json", rng_file) if f and f in manifest["files"]]
         files.verify(directory, small)
-        padded = padded_vocab_size(self.cfg.model, self.layout.tp)
-        if manifest["format"] == files.FORMAT_1:
-            if dist.get_rank() == 0:
-                files.verify(directory)
-
-            def read_v1(kind, name, state):
-                suffix = "" if state == MASTER else f"/{state}"
-                full = files.read_full_tensors(directory, kind, [name], suffix=suffix)[name]
-                return self._shard(full, name, padded)
-            return read_v1
         readers = self._readers = {kind: FragmentReader(directory, manifest, kind)
                                    for kind in ("model", "optim") if kind == "model" or has_optim}
         states = {"model": [MASTER], "optim": list(ADAM_STATES)}
@@ -500,8 +490,8 @@ class Checkpointer:
 
     def _put(self, name: str, param, key: Optional[str], value) -> None:
         """Hand what read() returned to the optimizer: a ZeRO partition straight into its fp32
-        partition (stage 3: padded to the partition's size), a whole TP shard (no ZeRO, or a
-        format-1 checkpoint) through the setters."""
+        partition (stage 3: padded to the partition's size), a whole TP shard (no ZeRO) through
+        the setters."""
         if name not in self._ranges:
             self._set(param, key, value)
         elif value is not None and self._zero3():
@@ -529,9 +519,6 @@ class Checkpointer:
             zero._reassign_or_swap_out_partitioned_parameters(group)
         if zero.persistent_parameters:
             zero.persistent_parameters[0].all_gather(zero.persistent_parameters)
-
-    def _shard(self, full: torch.Tensor, name: str, padded_vocab: int) -> torch.Tensor:
-        return shard_tensor(full, files.split_of(name), self.tp_rank, self.layout.tp, padded_vocab).contiguous()
 
     def _restore_scaler(self, saved: dict) -> None:
         scaler = self._loss_scaler()

@@ -15,9 +15,10 @@
         config.yaml, tokenizer/        the resolved config and the tokenizer
     <checkpoints>/latest               the name of the newest complete checkpoint
 
-Format 1 (bloom-import writes it; earlier versions of bloom-train did) stores whole TP shards
-instead, model/tp00-pp00.safetensors and optim/tp00-pp00.safetensors, under canonical names
-(training/model/param_table.py); readers concatenate them along the split dimension of the table.
+Format 1 (what bloom-train and bloom-import wrote before format 2) stores whole TP shards instead,
+model/tp00-pp00.safetensors and optim/tp00-pp00.safetensors, under canonical names
+(training/model/param_table.py); nothing writes it any more, the same reader loads both
+(fragments.py describes each of its shards as one fragment).
 Both formats load at any layout. Nothing here unpickles anything that is not checked first:
 safetensors for tensors, JSON for the rest, RNG files loaded with weights_only=True after their
 checksum matched.
@@ -31,16 +32,14 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Iterable, List, Optional
 
 import torch
 import xxhash
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from training.model.param_table import PARAMETERS, Split
 
-FORMAT_1 = "bloom-pretrain-checkpoint/1"  # whole TP shards gathered over DP (bloom-import writes it)
+FORMAT_1 = "bloom-pretrain-checkpoint/1"  # whole TP shards gathered over DP (read, no longer written)
 FORMAT = "bloom-pretrain-checkpoint/2"  # per-rank fragments: training/checkpoint/fragments.py
 FORMATS = (FORMAT_1, FORMAT)
 MANIFEST = "manifest.json"
@@ -50,10 +49,6 @@ SPLITS = {spec.name.format(i="*"): spec.split for spec in PARAMETERS}
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
-
-
-def shard_file(kind: str, tp_rank: int, pp_rank: int) -> str:
-    return f"{kind}/tp{tp_rank:02d}-pp{pp_rank:02d}.safetensors"
 
 
 def iteration_dir(checkpoints: Path, iteration: int) -> Path:
@@ -70,13 +65,6 @@ def split_of(name: str) -> Split:
 
 
 # -- writing ---------------------------------------------------------------------------------
-
-def write_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())  # durable before anyone lists it in a manifest
-
 
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -266,35 +254,3 @@ def complete_checkpoints(checkpoints: Path) -> list:
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob("iter_*") if (p / MANIFEST).is_file())
-
-
-def saved_shards(manifest: dict, kind: str, pp_rank_files: bool = True) -> list:
-    return sorted(f for f in manifest["files"] if f.startswith(f"{kind}/") and f.endswith(".safetensors"))
-
-
-def read_full_tensors(directory: Path, kind: str, names: Iterable[str], suffix: str = "") -> Dict[str, torch.Tensor]:
-    """Whole tensors (TP shards concatenated along their split) of the given canonical names,
-    from the `kind` ("model" or "optim") files of a checkpoint saved at any layout."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    tp = manifest["saved_layout"]["tp"]
-    wanted = {name + suffix: name for name in names}
-    pieces: Dict[str, Dict[int, torch.Tensor]] = {key: {} for key in wanted}
-    for rel in saved_shards(manifest, kind):
-        tp_rank = int(Path(rel).stem.split("-")[0][2:])
-        with safe_open(str(directory / rel), framework="pt") as f:
-            for key in set(f.keys()) & set(wanted):
-                pieces[key][tp_rank] = f.get_tensor(key)
-    full = {}
-    for key, name in wanted.items():
-        shards = pieces[key]
-        if not shards:
-            raise CheckpointError(f"{directory}: no {kind} tensor {key}")
-        dim = split_of(name).dim
-        if dim is None:
-            full[name] = shards[min(shards)]
-        else:
-            if sorted(shards) != list(range(tp)):
-                raise CheckpointError(f"{directory}: {key} has shards {sorted(shards)} of {tp}")
-            full[name] = torch.cat([shards[r] for r in range(tp)], dim=dim)
-    return full

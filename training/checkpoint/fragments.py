@@ -28,7 +28,8 @@ from typing import Dict, List, Optional
 import torch
 import xxhash
 
-from training.checkpoint.files import CHUNK_BYTES, DIGEST, CheckpointError, matches, read_header, write_flat_tensors
+from training.checkpoint.files import (CHUNK_BYTES, DIGEST, FORMAT_1, CheckpointError, matches, read_header,
+                                       split_of, write_flat_tensors)
 
 MASTER = "master"
 METADATA_KEY = "fragments"
@@ -86,21 +87,27 @@ class FragmentReader:
         self.verified = set()
         self.bytes_read = {"verify": 0, "load": 0}  # tensor bytes this reader read, per pass
         self.handles: Dict[str, int] = {}  # file -> open descriptor (close())
-        for rel in sorted(f for f in manifest["files"] if f.startswith(f"{kind}/rank")):
-            self._open(rel)
+        format_1 = manifest.get("format") == FORMAT_1
+        prefix = f"{kind}/tp" if format_1 else f"{kind}/rank"
+        for rel in sorted(f for f in manifest["files"] if f.startswith(prefix) and f.endswith(".safetensors")):
+            self._open(rel, format_1)
 
-    def _open(self, rel: str) -> None:
+    def _open(self, rel: str, format_1: bool) -> None:
         header, data_start = read_header(self.directory / rel, self.manifest["files"][rel])
         metadata = header.get("__metadata__") or {}
         try:
             digests = json.loads(metadata.get(DIGEST, "{}"))
-            for key, meta in json.loads(metadata.get(METADATA_KEY, "{}")).items():
+            table = _format_1_table(rel, header, self.manifest) if format_1 else \
+                json.loads(metadata.get(METADATA_KEY, "{}"))
+            for key, meta in table.items():
                 fragment = Fragment(**dict(meta, shape=tuple(meta["shape"])))
+                if format_1 and any(f.tp_rank == fragment.tp_rank for _, f in self.index[fragment.key]):
+                    continue  # a replicated or tied tensor saved by several ranks: one copy is read
                 begin, end = header[key]["data_offsets"]
                 if header[key]["dtype"] != "F32" or end - begin != 4 * fragment.numel:
                     raise ValueError(f"{key}: {header[key]} does not hold {fragment.numel} fp32 elements")
-                self.index[key].append((rel, fragment))
-                self.where[(rel, key)] = (data_start + begin, digests.get(key))
+                self.index[fragment.key].append((rel, fragment))
+                self.where[(rel, fragment.key)] = (data_start + begin, digests.get(key))
         except (ValueError, KeyError, TypeError) as error:
             raise CheckpointError(f"{self.directory / rel}: unreadable fragment table ({error})") from None
 
@@ -267,6 +274,25 @@ class FragmentReader:
             raise CheckpointError(f"{self.directory}: {name}/{state} shard {tp_rank}: {covered} of "
                                   f"{flat.numel()} elements saved")
         return flat.view(shape)
+
+
+def _format_1_table(rel: str, header: dict, manifest: dict) -> dict:
+    """Format 1's whole TP shards (model/tp01-pp00.safetensors: "<name>" and "<name>/exp_avg"
+    keys, shaped) described as fragments: each one is a whole shard, offset 0."""
+    tp_rank, tp_size = int(Path(rel).stem.split("-")[0][2:]), manifest["saved_layout"]["tp"]
+    table = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        name, _, state = key.partition("/")
+        dim = split_of(name).dim
+        shape = list(entry["shape"])
+        if dim is not None:
+            shape[dim] *= tp_size
+        table[key] = {"name": name, "state": state or MASTER, "shape": shape, "tp_dim": dim,
+                      "tp_rank": 0 if dim is None else tp_rank, "tp_size": 1 if dim is None else tp_size,
+                      "offset": 0, "numel": int(torch.Size(entry["shape"]).numel())}
+    return table
 
 
 def _row_segments(start: int, numel: int, width: int) -> list:

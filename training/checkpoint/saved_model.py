@@ -7,8 +7,7 @@ from typing import Dict, Iterable, Optional
 import torch
 from omegaconf import OmegaConf
 
-from training.checkpoint.files import (FORMAT_1, MANIFEST, CheckpointError, read_full_tensors,
-                                       read_manifest, resolve_latest)
+from training.checkpoint.files import MANIFEST, CheckpointError, read_manifest, resolve_latest
 from training.checkpoint.fragments import FragmentReader
 from training.config.schema import ModelConfig
 from training.model.param_table import Shape, iter_parameters
@@ -73,12 +72,9 @@ def read_model_tensors(directory: Path, shape: dict, names: Iterable[str] = None
     """Whole tensors under canonical names (all by default), checked against the manifest's shape."""
     expected = expected_shapes(shape)
     names = list(expected) if names is None else list(names)
-    manifest = read_manifest(directory)
-    if manifest["format"] == FORMAT_1:
-        tensors = read_full_tensors(directory, "model", names)
-    else:
-        reader = FragmentReader(directory, manifest, "model")
-        tensors = {name: reader.full(name) for name in names}
+    reader = FragmentReader(directory, read_manifest(directory), "model")
+    tensors = {name: reader.full(name) for name in names}
+    reader.close()
     for name in names:
         if tuple(tensors[name].shape) != expected[name]:
             raise CheckpointError(f"{directory}: {name} has shape {tuple(tensors[name].shape)}, the "

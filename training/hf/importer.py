@@ -18,8 +18,8 @@ import torch
 from safetensors import safe_open
 
 from data.tokenizer import TokenizerInfo
-from training.checkpoint.files import (FORMAT_1, finalize, iteration_dir, shard_file, staging_dir,
-                                       write_json, write_tensors)
+from training.checkpoint.files import finalize, iteration_dir, split_of, staging_dir, write_json
+from training.checkpoint.fragments import MASTER, Fragment, fragment_file, write_fragments
 from training.model.param_table import Shape, TIED_HF_NAMES, iter_parameters
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -202,7 +202,7 @@ def import_hf(hf_dir, out, tokenizer=None) -> Path:
         raise HFFormatError(f"{final} already exists: remove it or choose another --out")
     staging = staging_dir(final)
     shutil.rmtree(staging, ignore_errors=True)
-    write_tensors(staging / shard_file("model", 0, 0), tensors)
+    write_fragments(staging / fragment_file("model", 0), [_whole(name, tensor) for name, tensor in tensors.items()])
     write_json(staging / "trainer_state.json", {"iteration": 0, "consumed_samples": 0, "consumed_tokens": 0})
     if source is not None:
         copy_tokenizer(source, staging / "tokenizer")
@@ -211,5 +211,11 @@ def import_hf(hf_dir, out, tokenizer=None) -> Path:
     (staging / "config.yaml").write_text(config_yaml)
     finalize(staging, final, {"iteration": 0, "model": shape,
                               "saved_layout": {"tp": 1, "pp": 1, "dp": 1},
-                              "imported_from": str(hf_dir.resolve())}, format=FORMAT_1)
+                              "imported_from": str(hf_dir.resolve())})
     return final
+
+
+def _whole(name: str, tensor: torch.Tensor) -> tuple:
+    """One whole tensor as the only fragment of its one TP shard (as a TP1 x DP1 run saves it)."""
+    fragment = Fragment(name, MASTER, tuple(tensor.shape), split_of(name).dim, 0, 1, 0, tensor.numel())
+    return fragment, tensor.float().reshape(-1)
