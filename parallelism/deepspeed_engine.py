@@ -61,6 +61,23 @@ def deepspeed_config(cfg, layout: Layout, initial_global_batch: int) -> dict:
     return config
 
 
+def skip_shared_memory_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce when its comm layer starts.
+
+    DeepSpeed's TorchBackend builds that C++ op (ShareMemCommBuilder) on every CPU start, one
+    process included: 21-60 s on a machine with an empty torch extension cache, the largest part of
+    the demo's time to its first step. Only `inference_all_reduce` (DeepSpeed-Inference's AutoTP)
+    calls it; training's collectives, ours and DeepSpeed's engine's, go through torch.distributed.
+    Marking the op incompatible is the switch DeepSpeed itself reads (`deepspeed.ops.__compatible_ops__`,
+    probed once per process and kept, so the edit persists), and the backend then starts without it.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -75,6 +92,7 @@ class BloomEngine:
         self.layout, self.device = layout, device
         self.pipelined = layout.pp > 1
         # DeepSpeed's comm layer adopts the torch.distributed group already formed.
+        skip_shared_memory_comm_build()
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         seed = cfg.trainer.seed
         model = self._build_module(cfg, seed, device)
