@@ -30,6 +30,24 @@ class MegatronMPU:
     get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
 
 
+def zero_config(parallel) -> dict:
+    """DeepSpeed's zero_optimization section: the stage, and the communication settings that stage
+    reads (parallel.* in configs/parallel/default.yaml; bucket sizes in elements)."""
+    stage = parallel.zero_stage
+    # Gradients reduced in buckets during backward, overlapped with it: at ZeRO 2 and 3 (DeepSpeed's
+    # own default at 3). Below, the reduction waits for the accumulation boundary, as BigScience ran.
+    overlap = parallel.overlap_comm if parallel.overlap_comm is not None else stage >= 2
+    config = {"stage": stage, "reduce_bucket_size": parallel.reduce_bucket_size}  # ZeRO 0's all-reduce too
+    if stage >= 1:
+        config.update(overlap_comm=overlap, contiguous_gradients=parallel.contiguous_gradients)
+    if stage in (1, 2):
+        config["allgather_bucket_size"] = parallel.allgather_bucket_size
+    if stage == 3:
+        config.update(stage3_prefetch_bucket_size=parallel.stage3_prefetch_bucket_size,
+                      stage3_param_persistence_threshold=parallel.stage3_param_persistence_threshold)
+    return config
+
+
 def deepspeed_config(cfg, layout: Layout, initial_global_batch: int) -> dict:
     """DeepSpeed's JSON config, derived from ours (never written by hand)."""
     t = cfg.trainer
@@ -40,7 +58,7 @@ def deepspeed_config(cfg, layout: Layout, initial_global_batch: int) -> dict:
         # ZeRO 0 (fp32 only): BloomEngine measures and clips the gradients itself (see
         # _clip_in_optimizer_step); DeepSpeed's ZeRO optimizers do it right from their partitions.
         "gradient_clipping": cfg.optim.clip_grad if cfg.parallel.zero_stage > 0 else 0.0,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": zero_config(cfg.parallel),
         "zero_allow_untested_optimizer": True,  # our AdamW subclass (GuardedAdamW)
         "steps_per_print": 2 ** 31,  # the train loop logs
         "wall_clock_breakdown": False,

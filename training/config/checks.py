@@ -75,6 +75,10 @@ def check_layout(cfg: RootConfig, size: int) -> Layout:
     _require(p.dp is None or p.dp == dp,
              f"parallel.dp={p.dp} disagrees with world size {size} / (tp {p.tp} x pp {p.pp}) = {dp}")
     _require(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        _require(getattr(p, key) > 0, f"parallel.{key}={getattr(p, key)} must be positive")
+    for key in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+        _require(getattr(p, key) >= 0, f"parallel.{key}={getattr(p, key)} must not be negative")
     _require(cfg.trainer.precision == "fp32" or p.zero_stage >= 1,
              f"trainer.precision={cfg.trainer.precision} needs parallel.zero_stage >= 1: DeepSpeed keeps "
              "16-bit runs' fp32 master weights (and bf16's fp32 gradient accumulation) in its ZeRO optimizer")

@@ -45,6 +45,15 @@ class ParallelConfig:
     # Split LayerNorms, dropouts and the residual stream along the sequence over the TP group
     # (Korthikanti et al. 2022; parallelism/sequence_parallel.py). Needs tp > 1.
     sequence_parallel: bool = False
+    # DeepSpeed's ZeRO communication (parallelism/deepspeed_engine.py zero_config), each passed to
+    # the stages that read it. Defaults: DeepSpeed's and Megatron-DeepSpeed's (BigScience ran
+    # DeepSpeed's defaults); bucket sizes count elements.
+    overlap_comm: Optional[bool] = None  # None: true at ZeRO 2 and 3, false at 0 and 1
+    contiguous_gradients: bool = True  # ZeRO >= 1: gradients copied into one buffer as they come
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000  # ZeRO 1-2: updated weights all-gathered in buckets
+    stage3_prefetch_bucket_size: int = 50_000_000  # ZeRO 3: weights fetched ahead of their layer
+    stage3_param_persistence_threshold: int = 100_000  # ZeRO 3: smaller weights stay whole on every rank
 
 
 @dataclass
