@@ -6,8 +6,8 @@ Each launch also checks that the sequence really is split (every block sees seq/
 rank, each rank a different slice) and the collectives it rests on: gloo's all_gather_into_tensor
 and reduce_scatter_tensor, through our autograd functions, against plain tensor arithmetic. The TP2
 launch also counts a block's kept activation bytes under sequence parallelism against the memory
-estimate (none, selective, full; as tests/test_recompute.py does without it) and checks where
-hidden dropout draws its masks.
+estimate (none, selective, full; as tests/test_recompute.py does without it), checks where hidden
+dropout draws its masks, and that recomputation with dropout 0.1 replays them bitwise.
 With dropout on, a sequence-parallel run draws its hidden-dropout masks per TP rank (Megatron's
 rule) and so is not bitwise the run without it; the parity runs use dropout 0.
 """
@@ -95,11 +95,34 @@ def check_kept_bytes() -> None:
         assert 0 <= (counted - estimated) / estimated < KEPT_TOLERANCE, (recompute, counted, estimated)
 
 
+def _loss_and_grads(cfg) -> tuple:
+    tp = tensor_parallel_from_state(seed=11, device="cpu", sequence_parallel=True)
+    model = build_model(cfg, seed=11, tp=tp)
+    generator = torch.Generator().manual_seed(4)
+    tokens, labels = (torch.randint(0, cfg.vocab_size, (2, SEQ), generator=generator) for _ in range(2))
+    torch.manual_seed(5)  # the shared stream starts at the same point in every run
+    loss = model.loss(tokens, labels)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def check_recompute_replays_dropout() -> None:
+    """Under sequence parallelism hidden dropout draws from the TP stream too: selective and full
+    recomputation (collectives rerun in backward) give bitwise the loss and gradients of none."""
+    plain_loss, plain_grads = _loss_and_grads(RECOMPUTE_CFG)
+    for recompute in ("selective", "full"):
+        loss, grads = _loss_and_grads(dataclasses.replace(RECOMPUTE_CFG, recompute=recompute))
+        assert torch.equal(loss, plain_loss), recompute
+        for name, grad in plain_grads.items():
+            assert torch.equal(grads[name], grad), (recompute, name)
+
+
 def _worker(rank, layout: Layout, out: str) -> None:
     check_collectives()
     if layout.world_size == 2:  # once is enough
         check_dropout_streams()
         check_kept_bytes()
+        check_recompute_replays_dropout()
     overrides = [f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}", "parallel.zero_stage=1",
                  "parallel.sequence_parallel=true"]
     cfg, engine = make_engine(overrides, layout)
