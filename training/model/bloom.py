@@ -12,6 +12,11 @@ Each tensor-parallel rank holds:
 The output layer is the word embedding itself (tied): logits are vocab-parallel and the loss is
 a vocab-parallel cross entropy (training/model/vocab_loss.py: megatron's arithmetic, a chunk of tokens
 at a time in fp32), so the full vocabulary is never gathered in training.
+
+Under sequence parallelism (parallel.sequence_parallel) the blocks' LayerNorms, dropouts and residual
+stream hold [batch, seq/TP, hidden]: gathered before the column-parallel matmuls, reduce-scattered
+after the row-parallel ones (parallelism/sequence_parallel.py). model.recompute chooses what a block
+recomputes in backward: nothing, the attention core (selective) or all of it (full).
 """
 import contextlib
 import functools
