@@ -55,6 +55,8 @@ def one_process_job(device: torch.device) -> None:
     """A one-process torch.distributed group and megatron-core's TP/PP/DP state, as bloom-train forms."""
     from parallelism.topology import Layout, init_model_parallel, init_process_group
 
+    if device.type == "cuda":
+        torch.cuda.set_device(device.index or 0)
     init_process_group("nccl" if device.type == "cuda" else "gloo")
     init_model_parallel(Layout(1, 1, 1))
 
@@ -95,23 +97,28 @@ def micro_batches(cfg, steps: int, seed: int = 0) -> List[List[dict]]:
     return out
 
 
-def hf_model_from(framework: Framework, attention: str = "hf"):
-    """BloomForCausalLM holding the framework's current weights (fp32), on its device."""
+def model_state(framework: Framework) -> Dict[str, torch.Tensor]:
+    """The framework model's weights as fp32 CPU tensors (TP = 1), e.g. to build HF's model later."""
+    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in framework.engine.module.state_dict().items()
+            if isinstance(v, torch.Tensor)}  # megatron layers add _extra_state entries (None)
+
+
+def hf_model(state: Dict[str, torch.Tensor], model_cfg, device: torch.device, attention: str = "hf"):
+    """BloomForCausalLM (fp32) holding these weights of our model, on `device`, in training mode."""
     from transformers import BloomConfig, BloomForCausalLM
 
     from training.hf.convert import hf_from_shards
     from training.model.bloom import padded_vocab_size
 
-    m = framework.cfg.model
+    m = model_cfg
     rows = padded_vocab_size(m, 1)
-    state = {k: v.detach().float() for k, v in framework.engine.module.state_dict().items()
-             if isinstance(v, torch.Tensor)}  # megatron layers add _extra_state entries (None)
     hf_state = hf_from_shards([state], m.num_layers, vocab_size=rows)
     config = BloomConfig(vocab_size=rows, hidden_size=m.hidden_size, n_layer=m.num_layers,
                          n_head=m.num_heads, layer_norm_epsilon=m.layer_norm_epsilon,
                          hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
                          use_cache=False, tie_word_embeddings=True)
-    model = BloomForCausalLM._from_config(config, attn_implementation="eager", dtype=torch.float32)
+    with torch.device(device):  # HF's random initialisation, overwritten below, runs on the device
+        model = BloomForCausalLM._from_config(config, attn_implementation="eager", dtype=torch.float32)
     missing, unexpected = model.load_state_dict(hf_state, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(f"weights did not map onto BloomForCausalLM: missing {missing}, unexpected {unexpected}")
@@ -119,7 +126,12 @@ def hf_model_from(framework: Framework, attention: str = "hf"):
     if attention == "hf+sdpa":
         for block in model.transformer.h:
             block.self_attention.forward = types.MethodType(_sdpa_attention_forward, block.self_attention)
-    return model.to(framework.device).train()
+    return model.to(device).train()
+
+
+def hf_model_from(framework: Framework, attention: str = "hf"):
+    """BloomForCausalLM holding the framework's current weights, on its device."""
+    return hf_model(model_state(framework), framework.cfg.model, framework.device, attention)
 
 
 def _sdpa_attention_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None,
