@@ -22,7 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from training.checkpoint.files import CHUNK_BYTES, CheckpointError
+from training.checkpoint.file_image import CHUNK_BYTES
+from training.checkpoint.files import CheckpointError
 from training.checkpoint.fragments import METADATA_KEY, Fragment, FragmentReader, fragment_file, write_fragments
 
 

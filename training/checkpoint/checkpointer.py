@@ -22,7 +22,7 @@ import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -34,7 +34,9 @@ from megatron.core import parallel_state
 
 from parallelism.pipeline import canonical_name
 from training.checkpoint import files
-from training.checkpoint.fragments import MASTER, Fragment, FragmentReader, fragment_file, write_fragments
+from training.checkpoint.file_image import FileImage
+from training.checkpoint.fragments import (MASTER, Fragment, FragmentReader, fragment_file, prepare_fragments,
+                                          write_fragments)
 from training.config.loader import ConfigError
 from training.model.bloom import ffn_size, padded_vocab_size
 
@@ -76,9 +78,10 @@ class LoopPosition:
 
 @dataclass
 class Snapshot:
-    """What one rank saves, copied to host memory at a step boundary."""
-    model: list  # [(Fragment, tensor)]
-    optim: list
+    """What one rank saves, taken at a step boundary: its fragments as [(Fragment, tensor)] views
+    of the optimizer's state, or (for a background write) already copied into file images."""
+    model: Union[list, FileImage, None]
+    optim: Union[list, FileImage, None]
     rng: dict
     loop: LoopPosition
     optim_meta: dict  # Adam's step count and the loss-scaler state (rank 0 writes them)
@@ -109,10 +112,6 @@ class PendingSave:
         self.run(write)
 
 
-def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().to("cpu", torch.float32, copy=True).reshape(-1)
-
-
 class Checkpointer:
     def __init__(self, cfg, layout, engine, tokenizer_dir: Optional[Path] = None):
         self.cfg, self.layout, self.engine = cfg, layout, engine
@@ -123,6 +122,7 @@ class Checkpointer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.params = self._local_parameters()
         self._pending: Optional[PendingSave] = None
+        self._images: dict = {}  # kind -> the FileImage of the last background save (reused)
         self._ranges: dict = {}  # per load, at ZeRO: name -> this rank's partition (see _needed)
 
     # -- which parameters this rank holds, under canonical names ------------------------------
@@ -256,9 +256,9 @@ class Checkpointer:
         return pending.final
 
     def _snapshot(self, loop_state, copy: bool) -> "Snapshot":
-        """Everything this rank saves, taken at the step boundary: host copies, or (copy=False,
-        for a write that finishes before training goes on) flat views of the tensors."""
-        keep = _host_copy if copy else (lambda tensor: tensor.detach().reshape(-1))
+        """Everything this rank saves, taken at the step boundary: copied into the images of its
+        files (copy=True, for a background write: the host copy), or flat views of the tensors
+        (for a write that finishes before training goes on; it copies into the image itself)."""
         moments = self._has_moments()
         if moments:
             self._ensure_adam_state()
@@ -271,12 +271,18 @@ class Checkpointer:
                 continue
             offset, numel, master, states = piece
             fragment = functools.partial(self._fragment, name, param, offset, numel)
-            model.append((fragment(MASTER), keep(master)))
-            optim += [(fragment(key), keep(value)) for key, value in states.items()]
+            model.append((fragment(MASTER), master.detach().reshape(-1)))
+            optim += [(fragment(key), value.detach().reshape(-1)) for key, value in states.items()]
         scaler = self._loss_scaler()
         scaler_state = {k: getattr(scaler, k) for k in ("cur_scale", "cur_iter", "last_overflow_iter",
                                                        "cur_hysteresis") if scaler and hasattr(scaler, k)}
         loop = LoopPosition(loop_state.iteration, loop_state.consumed_samples, loop_state.consumed_tokens)
+        if copy:
+            # Background saves keep their images from one save to the next: the memory is paged
+            # in once, not at every step boundary that saves (each save waits for the previous).
+            model, optim = (prepare_fragments(pieces, self._images.get(kind)) if pieces else None
+                            for kind, pieces in (("model", model), ("optim", optim)))
+            self._images = {"model": model, "optim": optim}
         return Snapshot(model, optim, rng_state(self.engine), loop,
                         {"adam_step": self._adam_step(), "loss_scaler": scaler_state})
 
@@ -284,9 +290,10 @@ class Checkpointer:
         """Write this rank's files of a snapshot; returns their manifest entries."""
         rank, hashed = dist.get_rank(), {}
         for kind, pieces in (("model", snapshot.model), ("optim", snapshot.optim)):
-            if pieces:
-                rel = fragment_file(kind, rank)
-                hashed[rel] = write_fragments(staging / rel, pieces)
+            if isinstance(pieces, FileImage):
+                hashed[fragment_file(kind, rank)] = pieces.write(staging / fragment_file(kind, rank))
+            elif pieces:
+                hashed[fragment_file(kind, rank)] = write_fragments(staging / fragment_file(kind, rank), pieces)
         rel = f"rng/rank{rank:05d}.pt"
         (staging / "rng").mkdir(parents=True, exist_ok=True)
         torch.save(snapshot.rng, staging / rel)

@@ -32,11 +32,11 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, Optional
 
-import torch
 import xxhash
 
+from training.checkpoint.file_image import DIGEST, HEADER_DIGEST
 from training.model.param_table import PARAMETERS, Split
 
 FORMAT_1 = "bloom-pretrain-checkpoint/1"  # whole TP shards gathered over DP (read, no longer written)
@@ -71,9 +71,6 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-DIGEST = "xxh3_128"
-HEADER_DIGEST = "header_xxh3_128"
-CHUNK_BYTES = 1 << 22  # a digest per 4 MiB of each tensor: what a partial read verifies at most beyond itself
 _BLOCK = 1 << 24
 
 
@@ -100,37 +97,6 @@ def matches(path: Path, expected: dict) -> bool:
     return digest.hexdigest() == expected.get("sha256")
 
 
-def write_flat_tensors(path: Path, tensors: List[tuple], metadata: dict) -> dict:
-    """Write [(key, 1-D fp32 CPU tensor)] as a safetensors file straight from the tensors' memory,
-    then fsync; returns the manifest entry: bytes, the file's digest and its header's digest.
-    The header's metadata also holds a digest per 4 MiB chunk of each tensor ("xxh3_128": {key:
-    [digest, ...]}), so a reader that needs a slice of a few tensors verifies the header and the
-    chunks it reads, not the whole file.
-
-    safetensors' save_file would first build the whole file as one bytes object and the digest
-    would read it back: three passes over a rank's share instead of one, all of it CPU time a
-    background save takes from training."""
-    tensors = [(key, _flat_fp32(tensor)) for key, tensor in tensors]
-    digests = {key: chunk_digests(_raw(tensor)) for key, tensor in tensors}
-    header, offset = {"__metadata__": {**metadata, DIGEST: json.dumps(digests)}}, 0
-    for key, tensor in tensors:
-        size = tensor.numel() * 4
-        header[key] = {"dtype": "F32", "shape": [tensor.numel()], "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # safetensors aligns the data to 8 bytes
-    head = len(text).to_bytes(8, "little") + text
-    digest = xxhash.xxh3_128()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb", buffering=0) as f:
-        for block in [head] + [_raw(tensor)[i:i + _BLOCK] for _, tensor in tensors
-                               for i in range(0, tensor.numel() * 4, _BLOCK)]:
-            digest.update(block)
-            _write_all(f, block)
-        os.fsync(f.fileno())  # durable before anyone lists it in a manifest
-    return {"bytes": path.stat().st_size, DIGEST: digest.hexdigest(), HEADER_DIGEST: _digest(head)}
-
-
 def read_header(path: Path, expected: dict) -> tuple:
     """(header dict, where the data starts) of a safetensors file, after checking the header
     against its manifest entry's header digest (entries without one: the whole file)."""
@@ -140,40 +106,12 @@ def read_header(path: Path, expected: dict) -> tuple:
             if length > min(expected["bytes"], 1 << 30):
                 raise ValueError(f"header length {length}")
             head = length.to_bytes(8, "little") + f.read(length)
-        ok = _digest(head) == expected[HEADER_DIGEST] if HEADER_DIGEST in expected else matches(path, expected)
+        ok = xxhash.xxh3_128(head).hexdigest() == expected[HEADER_DIGEST] if HEADER_DIGEST in expected else matches(path, expected)
         if not ok:
             raise CheckpointError(f"{path}: header or checksum differs from the manifest (corrupt)")
         return json.loads(head[8:]), 8 + length
     except (OSError, ValueError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path}: unreadable safetensors file ({error})") from None
-
-
-def _flat_fp32(tensor: torch.Tensor) -> torch.Tensor:
-    tensor = tensor.detach().reshape(-1)
-    if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or not tensor.is_contiguous():
-        tensor = tensor.to("cpu", torch.float32).contiguous()
-    return tensor
-
-
-def _raw(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.numpy()).cast("B")
-
-
-def chunk_digests(data) -> List[str]:
-    """The digest of each CHUNK_BYTES of `data` (the last chunk may be shorter)."""
-    return [xxhash.xxh3_128(data[at:at + CHUNK_BYTES]).hexdigest() for at in range(0, len(data), CHUNK_BYTES)]
-
-
-def _digest(data) -> str:
-    digest = xxhash.xxh3_128()
-    for start in range(0, len(data), _BLOCK):
-        digest.update(data[start:start + _BLOCK])
-    return digest.hexdigest()
-
-
-def _write_all(f, block) -> None:
-    while len(block):
-        block = block[f.write(block):]
 
 
 def _fsync_dirs(root: Path) -> None:

@@ -28,8 +28,8 @@ from typing import Dict, List, Optional
 import torch
 import xxhash
 
-from training.checkpoint.files import (CHUNK_BYTES, DIGEST, FORMAT_1, CheckpointError, matches, read_header,
-                                       split_of, write_flat_tensors)
+from training.checkpoint.file_image import CHUNK_BYTES, DIGEST, FileImage
+from training.checkpoint.files import FORMAT_1, CheckpointError, matches, read_header, split_of
 
 MASTER = "master"
 METADATA_KEY = "fragments"
@@ -63,13 +63,23 @@ class Fragment:
         return tuple(shape)
 
 
-def write_fragments(path: Path, fragments: List[tuple]) -> dict:
-    """Write [(Fragment, 1-D tensor)] to one safetensors file, fsync it, and return its
-    {"bytes", "xxh3_128"} entry for the manifest (each rank hashes only what it wrote, as it
-    writes it)."""
+def prepare_fragments(fragments: List[tuple], reuse: Optional[FileImage] = None) -> FileImage:
+    """[(Fragment, 1-D tensor)] copied into the image of one file (the only copy a save makes);
+    into `reuse` when it has the same layout (the previous save's image, already paged in)."""
     meta = {f.key: {**f.__dict__, "shape": list(f.shape)} for f, _ in fragments}
-    return write_flat_tensors(path, [(f.key, t.reshape(-1)) for f, t in fragments],
-                              metadata={METADATA_KEY: json.dumps(meta)})
+    layout, metadata = [(f.key, t.numel()) for f, t in fragments], {METADATA_KEY: json.dumps(meta)}
+    image = reuse if reuse is not None and reuse.has_layout(layout, metadata) else FileImage(layout, metadata)
+    image.sealed = False
+    with torch.no_grad():
+        for index, (_, tensor) in enumerate(fragments):
+            image.tensor(index).copy_(tensor.detach().reshape(-1))
+    return image
+
+
+def write_fragments(path: Path, fragments: List[tuple]) -> dict:
+    """Write [(Fragment, 1-D tensor)] to one file, durably; returns its manifest entry (each rank
+    hashes only what it wrote)."""
+    return prepare_fragments(fragments).write(path)
 
 
 class FragmentReader:
