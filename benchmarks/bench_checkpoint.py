@@ -24,7 +24,7 @@ cache the same way, Checkpointer.load() of it. Printed per DP:
   - save s / load s: the slowest rank's wall time (barrier before; save ends in a barrier);
     MB/s: checkpoint bytes / that time, and its % of the disk's single-stream write / read rate;
   - read MB/rank: what each rank read() during load (max over ranks, /proc/self/io rchar: read
-    syscalls, cached or not; pages safetensors maps are not counted);
+    syscalls, cached or not);
   - extra peak MB: the most any rank's resident set rose above its resident set just before save
     (or load): the kernel's RSS high-water mark (VmHWM) is reset through /proc/self/clear_refs
     just before and read just after, so it catches every allocation (torch, Python, safetensors)
@@ -394,7 +394,7 @@ def print_async(runs: dict, args) -> None:
           f"{args.async_steps} steps before and as many after with no write in flight: base step s). "
           "stall = returns + slowed, per rank, slowest rank; sync save s: the synchronous save() above (one run). "
           "wait() after: what wait() still blocked once the steps were done (0 when poll() had finished it).")
-    print(f"On these {os.cpu_count()} CPU cores the writer thread (hashing, safetensors, fsync) competes with "
+    print(f"On these {os.cpu_count()} CPU cores the writer thread (chunk digests, the O_DIRECT write, fsync) competes with "
           "training for the same cores, so the slowed-steps part is real here; on a GPU node, where steps run on "
           "the GPU and the writer on otherwise idle host cores, it would be smaller.")
 
