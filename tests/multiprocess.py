@@ -24,7 +24,7 @@ def _worker(rank, world_size, port, layout, fn, args):
     torch.set_num_threads(1)
     from parallelism.topology import init_model_parallel, init_process_group, shutdown
 
-    init_process_group("gloo", timeout_minutes=3)
+    init_process_group("gloo", timeout_s=180)
     init_model_parallel(layout)
     try:
         fn(rank, *args)

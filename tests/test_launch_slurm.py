@@ -229,7 +229,7 @@ SRUN_TASK = textwrap.dedent("""
 
     env = distributed_env()
     export_torch_env(env)
-    init_process_group("gloo", timeout_minutes=2)
+    init_process_group("gloo", timeout_s=120)
     total = torch.tensor([float(env.rank + 1)])
     dist.all_reduce(total)
     print(f"task {env.source} {env.rank}/{env.world_size} local {env.local_rank} "

@@ -19,7 +19,8 @@ from data.data_report import write_data_report
 from data.datasets import build_datasets
 from data.sampler import build_eval_loader, iter_global_batches
 from parallelism.deepspeed_engine import BloomEngine
-from parallelism.topology import init_model_parallel, init_process_group, shutdown
+from parallelism.topology import (init_model_parallel, init_process_group, placement_lines, rank_hosts,
+                                  shutdown)
 from parallelism.tp_replicas import sync_replicated_parameters
 from training import exit_record
 from training.checkpoint.checkpointer import Checkpointer
@@ -315,12 +316,18 @@ def write_resolved_config(cfg) -> None:
 
 def run(cfg) -> int:
     """Train in this process (one rank of the job); returns the exit status."""
-    init_process_group()
+    timeout_s = cfg.parallel.collective_timeout_s
+    init_process_group(timeout_s=timeout_s)
     try:
         layout = validate(cfg, dist.get_world_size(), trains_here=True)
-        init_model_parallel(layout)
+        init_model_parallel(layout, timeout_s)
+        hosts = rank_hosts()
         if dist.get_rank() == 0:
             write_resolved_config(cfg)
+            # Which host each rank is on: on many nodes, the first thing to read when one fails.
+            print(f"placement: {len(hosts)} rank(s) on {len(set(hosts))} host(s), collective "
+                  f"timeout {timeout_s:g} s", flush=True)
+            print("\n".join(placement_lines(hosts, layout)), flush=True)
         trainer = Trainer(cfg, layout)
         try:
             state = trainer.train()

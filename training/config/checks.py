@@ -79,6 +79,7 @@ def check_layout(cfg: RootConfig, size: int) -> Layout:
         _require(getattr(p, key) > 0, f"parallel.{key}={getattr(p, key)} must be positive")
     for key in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
         _require(getattr(p, key) >= 0, f"parallel.{key}={getattr(p, key)} must not be negative")
+    _require(p.collective_timeout_s > 0, f"parallel.collective_timeout_s={p.collective_timeout_s} must be positive")
     _require(cfg.trainer.precision == "fp32" or p.zero_stage >= 1,
              f"trainer.precision={cfg.trainer.precision} needs parallel.zero_stage >= 1: DeepSpeed keeps "
              "16-bit runs' fp32 master weights (and bf16's fp32 gradient accumulation) in its ZeRO optimizer")

@@ -54,6 +54,9 @@ class ParallelConfig:
     allgather_bucket_size: int = 500_000_000  # ZeRO 1-2: updated weights all-gathered in buckets
     stage3_prefetch_bucket_size: int = 50_000_000  # ZeRO 3: weights fetched ahead of their layer
     stage3_param_persistence_threshold: int = 100_000  # ZeRO 3: smaller weights stay whole on every rank
+    # How long any collective (and the start-up rendezvous) may wait for a peer before the job fails
+    # instead of hanging until the time limit: Megatron's --distributed-timeout-minutes, 10 min.
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
