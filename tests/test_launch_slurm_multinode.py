@@ -1,0 +1,184 @@
+"""bloom-slurm across nodes, on the two-node test cluster `tests/slurm/start_cluster.sh --nodes 2`
+builds on this machine: nodes bloomnode1 and bloomnode2, each a network namespace with its own
+hostname and address on a host-only bridge, each with its own slurmd. A TP2 x DP2 job (2 processes
+per node: TP inside each node, DP across them) and a TP2 x PP2 job (the pipeline's stages on
+different nodes) train the tiny model through bloom-slurm; their losses and gradient norms match a
+single-process run's step for step, and their logs place the ranks on both hosts.
+
+Skipped, with the reason, where the cluster cannot be had; a failure under CI=true, as in
+tests/test_launch_slurm.py. The fixture starts the cluster when fewer than two nodes answer
+(which replaces a one-node test cluster: the tests of test_launch_slurm.py run on either).
+"""
+import datetime
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launch.local import free_port
+from parallelism.topology import Layout, placement_lines
+from tests.bloom_train import TINY_RUN, bloom_train, data_cache  # noqa: F401
+from tests.test_launch_slurm import (FINISHED, REPO, START, TEST_CLUSTER, _cluster_name, _run, job_env,
+                                     job_state, no_cluster)
+
+NODES = ("bloomnode1", "bloomnode2")  # the names start_cluster.sh --nodes 2 gives them
+STEPS = 5
+RTOL = 1e-4
+JOB_TIMEOUT_S = 420  # two 4-process jobs one after the other, on 2 shared cores
+
+
+def _idle_nodes() -> set:
+    result = _run("sinfo", "-h", "-N", "-o", "%N %t", timeout=20)
+    return {line.split()[0] for line in result.stdout.splitlines()
+            if result.returncode == 0 and line.split()[1] in ("idle", "mix")}
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster():
+    """The two-node namespace cluster, started if its nodes are not both up."""
+    if _cluster_name() not in (None, TEST_CLUSTER):
+        no_cluster(f"this SLURM client reaches cluster {_cluster_name()!r}, not the test cluster "
+                   f"{TEST_CLUSTER!r}: no test jobs are sent to it")
+    if not set(NODES) <= _idle_nodes():
+        result = _run(str(START), "--nodes", "2", timeout=120)
+        if result.returncode != 0:
+            lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
+            no_cluster(f"the two-node SLURM cluster cannot start: {lines[-1]}")
+    return NODES
+
+
+def _submit(run_dir, data_cache, nproc: int, parallel: list) -> str:
+    overrides = ["launcher.nodes=2", "launcher.gpus_per_node=0", f"launcher.nproc_per_node={nproc}",
+                 "launcher.time=00:10:00", f"trainer.run_dir={run_dir}", f"data.cache_dir={data_cache}",
+                 *TINY_RUN, f"trainer.train_iters={STEPS}", *parallel]
+    submitted = subprocess.run([sys.executable, "-m", "launch.slurm", "--submit",
+                                "--port", str(free_port()), *overrides],
+                               cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.strip()
+
+
+def _wait(job_id: str, deadline: float) -> str:
+    while time.monotonic() < deadline:
+        state = job_state(job_id)
+        if state.split()[0] in FINISHED:
+            return state
+        time.sleep(1)
+    _run("scancel", job_id)
+    return f"not finished after {JOB_TIMEOUT_S} s: {job_state(job_id)}"
+
+
+def _metrics(run_dir) -> list:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if "lm_loss" in line]
+
+
+JOBS = {"tp2-dp2": (2, ["parallel.tp=2"]),  # 2 per node: TP inside the node, DP across
+        "tp2-pp2": (2, ["parallel.tp=2", "parallel.pp=2"])}  # a pipeline stage per node
+
+
+@pytest.fixture(scope="module")
+def jobs(two_node_cluster, data_cache, tmp_path_factory):
+    """Both jobs submitted at once (SLURM runs them one after the other), and the single-process
+    reference trained here meanwhile: {name: (job id, state, run dir, .out text)}, reference."""
+    root = tmp_path_factory.mktemp("multinode")
+    ids = {name: _submit(root / name, data_cache, nproc, parallel) for name, (nproc, parallel) in JOBS.items()}
+    reference = bloom_train(TINY_RUN + [f"trainer.run_dir={root / 'single'}", f"data.cache_dir={data_cache}",
+                                        f"trainer.train_iters={STEPS}"])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    out = {}
+    for name, job_id in ids.items():
+        state = _wait(job_id, deadline)
+        logs = root / name / "logs"
+        text = {ext: (logs / f"bloom-tiny-{job_id}.{ext}") for ext in ("out", "err")}
+        text = {ext: path.read_text() if path.is_file() else "" for ext, path in text.items()}
+        out[name] = (job_id, state, root / name, text)
+    return out, _metrics(root / "single")
+
+
+def _placement(out: str) -> dict:
+    """{host: 'pp a, dp b, tp c'} from the job's start-up lines (torchrun prefixes '[default0]:')."""
+    return {m.group(1): m.group(2) for m in re.finditer(r"host (\S+): ranks \S+ \(([^)]*)\)", out)}
+
+
+@pytest.mark.parametrize("name", list(JOBS))
+def test_two_node_job_matches_single_process(jobs, name):
+    results, reference = jobs
+    job_id, state, run_dir, text = results[name]
+    assert state == "COMPLETED exit 0:0", f"{name} job {job_id}: {state}\n{text['out'][-3000:]}\n{text['err'][-3000:]}"
+    assert f"bloom-slurm: job {job_id}, 2 node(s) x 2 process(es), rendezvous at {NODES[0]}:" in text["out"]
+    got = _metrics(run_dir)
+    assert [r["step"] for r in got] == [r["step"] for r in reference] == list(range(1, STEPS + 1))
+    for a, b in zip(got, reference):
+        assert a["consumed_samples"] == b["consumed_samples"]
+        for key in ("lm_loss", "grad_norm"):
+            assert abs(a[key] - b[key]) / abs(b[key]) < RTOL, f"{name} step {a['step']}: {key} {a[key]} vs {b[key]}"
+
+
+def test_ranks_sit_on_two_hosts_with_tp_inside_each(jobs):
+    results, _ = jobs
+    where = {name: _placement(results[name][3]["out"]) for name in JOBS}
+    assert set(where["tp2-dp2"]) == set(NODES), results["tp2-dp2"][3]["out"][-3000:]
+    # TP pairs stay on one node; the two DP replicas are on different nodes.
+    assert sorted(where["tp2-dp2"].values()) == ["pp 0, dp 0, tp 0-1", "pp 0, dp 1, tp 0-1"]
+    assert set(where["tp2-pp2"]) == set(NODES), results["tp2-pp2"][3]["out"][-3000:]
+    assert sorted(where["tp2-pp2"].values()) == ["pp 0, dp 0, tp 0-1", "pp 1, dp 0, tp 0-1"]
+    for name in JOBS:
+        assert "TP groups span hosts" not in results[name][3]["out"]
+        assert "collective timeout 600 s" in results[name][3]["out"]
+
+
+# ---- no cluster needed ------------------------------------------------------------------------
+
+def test_placement_lines_name_hosts_coordinates_and_split_tp_groups():
+    hosts = ["a", "a", "b", "b"]
+    assert placement_lines(hosts, Layout(2, 1, 2)) == ["host a: ranks 0-1 (pp 0, dp 0, tp 0-1)",
+                                                       "host b: ranks 2-3 (pp 0, dp 1, tp 0-1)"]
+    assert placement_lines(hosts, Layout(1, 2, 2)) == ["host a: ranks 0-1 (pp 0, dp 0-1, tp 0)",
+                                                       "host b: ranks 2-3 (pp 1, dp 0-1, tp 0)"]
+    # 3 processes per node at TP2: the second TP group has a rank on each node.
+    split = placement_lines(["a", "a", "a", "b", "b", "b"], Layout(2, 1, 3))
+    assert split[-1].startswith("warning: 1 of 3 TP groups span hosts (first: ranks 2-3)")
+
+
+def _stalled_collective(rank: int, port: int, out: str) -> None:
+    """Both ranks join with a 3 s timeout; rank 1 never enters the all-reduce on a group made the
+    way DeepSpeed makes its own (no timeout given), so rank 0's must fail after ~3 s, not 30 min."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from parallelism.topology import init_process_group
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    init_process_group("gloo", timeout_s=3)
+    group = dist.new_group([0, 1])
+    if rank == 1:
+        time.sleep(20)
+        os._exit(0)  # gone without a goodbye, as a dead rank would be
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1), group=group)
+        error = "none"
+    except Exception as caught:  # gloo's timeout surfaces as a RuntimeError subclass
+        error = type(caught).__name__
+    with open(out, "w") as f:
+        json.dump({"seconds": time.monotonic() - start, "error": error,
+                   "timeout": str(group._get_backend(torch.device("cpu")).options._timeout)}, f)
+    os._exit(0)
+
+
+def test_collective_timeout_reaches_groups_made_without_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "rank0.json"
+    mp.start_processes(_stalled_collective, args=(free_port(), str(out)), nprocs=2, join=True,
+                       start_method="spawn")
+    got = json.loads(out.read_text())
+    assert got["timeout"] == str(datetime.timedelta(seconds=3))
+    assert got["error"] != "none" and 2.5 < got["seconds"] < 15, got
