@@ -65,6 +65,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MB = 1 << 20
+SPARE = "1*"  # the --spare-core run's label
 BLOCK = 4 * MB
 
 
@@ -151,8 +152,13 @@ def measured(work) -> tuple:
 
 
 def bench_rank(rank: int, layout, overrides: list, run_dir: str, out: str, rounds: int,
-               min_steps: int, max_steps: int) -> None:
+               min_steps: int, max_steps: int, spare_core: bool = False) -> None:
+    import torch
     import torch.distributed as dist
+
+    if spare_core:  # training (and every thread it starts) on core 0, one torch thread
+        os.sched_setaffinity(0, {0})
+        torch.set_num_threads(1)
 
     from tests.train_steps import make_engine, train
     from training.checkpoint import files
@@ -186,7 +192,7 @@ def bench_rank(rank: int, layout, overrides: list, run_dir: str, out: str, round
     result = {"rank": rank, "save_s": save_s, "load_s": load_s, "save_peak_mb": save_peak,
               "load_peak_mb": load_peak, "written_mb": written / MB, "read_mb": read / MB,
               "rss_state_mb": rss_state}
-    result.update(bench_async(cfg, engine, layout, checkpointer, rounds, min_steps, max_steps))
+    result.update(bench_async(cfg, engine, layout, checkpointer, rounds, min_steps, max_steps, spare_core))
     if rank == 0:
         result["total_mb"] = sum(e["bytes"] for e in manifest["files"].values()) / MB
         result["params"] = sum(p.numel() for p in engine.module.parameters())
@@ -194,7 +200,8 @@ def bench_rank(rank: int, layout, overrides: list, run_dir: str, out: str, round
     Path(f"{out}.rank{rank}").write_text(json.dumps(result))
 
 
-def bench_async(cfg, engine, layout, checkpointer, rounds: int, min_steps: int, max_steps: int) -> dict:
+def bench_async(cfg, engine, layout, checkpointer, rounds: int, min_steps: int, max_steps: int,
+                spare_core: bool = False) -> dict:
     """This rank's host-copy times and, per round, the async save's return time, its steps (time
     of each, poll() included) and the residual wait(), and the baseline steps around them."""
     import statistics
@@ -231,6 +238,8 @@ def bench_async(cfg, engine, layout, checkpointer, rounds: int, min_steps: int, 
             dist.barrier()
             start = time.perf_counter()
             checkpointer.save(LoopState(step, gbs * step, gbs * step * 32))
+            if spare_core:  # the writer thread on the core training leaves alone
+                os.sched_setaffinity(checkpointer._pending.thread.native_id, {1})
             returned = time.perf_counter() - start
             during, done = [], None
             while done is None and len(during) < max_steps:
@@ -255,14 +264,15 @@ def bench_async(cfg, engine, layout, checkpointer, rounds: int, min_steps: int, 
 
 # -- the driver -----------------------------------------------------------------------------------
 
-def run_dp(dp: int, overrides: list, work: Path, rounds: int, min_steps: int, max_steps: int) -> list:
+def run_dp(dp: int, overrides: list, work: Path, rounds: int, min_steps: int, max_steps: int,
+           spare_core: bool = False) -> list:
     from parallelism.topology import Layout
     from tests.multiprocess import run_processes
 
-    run_dir = work / f"dp{dp}"
-    out = str(work / f"dp{dp}.json")
+    run_dir = work / f"dp{dp}{'-spare-core' if spare_core else ''}"
+    out = str(run_dir) + ".json"
     run_processes(bench_rank, Layout(1, 1, dp), Layout(1, 1, dp), overrides, str(run_dir), out, rounds,
-                  min_steps, max_steps)
+                  min_steps, max_steps, spare_core)
     results = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(dp)]
     shutil.rmtree(run_dir, ignore_errors=True)
     return results
@@ -293,6 +303,9 @@ def main() -> None:
     parser.add_argument("--async-rounds", type=int, default=2, help="async saves per DP size")
     parser.add_argument("--async-steps", type=int, default=3,
                         help="baseline steps before each async save (and the fewest counted after it)")
+    parser.add_argument("--spare-core", action="store_true",
+                        help="also DP 1 with training on core 0 (one torch thread) and the writer on core 1, "
+                             "as on a GPU node where training leaves host cores idle")
     parser.add_argument("--max-async-steps", type=int, default=20,
                         help="most steps run after an async save waiting for poll() to finish it")
     args = parser.parse_args()
@@ -306,6 +319,9 @@ def main() -> None:
         probes = [disk_rates(work, args.disk_mb)]
         runs = {dp: run_dp(dp, overrides, work, args.async_rounds, args.async_steps, args.max_async_steps)
                 for dp in args.dp}
+        if args.spare_core and len(os.sched_getaffinity(0)) >= 2:
+            runs[SPARE] = run_dp(1, overrides, work, args.async_rounds, args.async_steps, args.max_async_steps,
+                                 spare_core=True)
         probes.append(disk_rates(work, args.disk_mb))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -387,6 +403,9 @@ def print_async(runs: dict, args) -> None:
         print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
     for note in notes:
         print(note)
+    if SPARE in runs:
+        print(f"DP {SPARE}: DP 1 with training pinned to core 0 (one torch thread) and the writer thread to core 1 "
+              "(--spare-core): the host cores a GPU node's training leaves idle.")
     print("host copy: Checkpointer._snapshot(copy=True) alone, best of 2 per rank, slowest rank. async save() returns: "
           "from the call (after a barrier) to its return (barrier, staging dir, the host copy, writer thread start). "
           "steps slowed by: the steps run after it, each with poll() as the trainer does, until poll() made the "
