@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 from parallelism.topology import Layout
 from tests.multiprocess import run_processes
 from training.config.schema import ModelConfig
-from training.model.bloom import build_model, language_model_loss
+from training.model.bloom import build_model
 from training.model.vocab_loss import chunked_vocab_parallel_cross_entropy
 
 VOCAB, BATCH, SEQ = 512, 2, 24
