@@ -15,3 +15,13 @@ def single_process():
     init_model_parallel(Layout(1, 1, 1))
     yield
     shutdown()
+
+
+@pytest.fixture(scope="session")
+def single_process_steps(tmp_path_factory):
+    """The single-process run's steps (tests/test_layout_parity.py's results at TP=PP=DP=1): the
+    reference of every layout parity test, launched once per session."""
+    from parallelism.topology import Layout
+    from tests.test_layout_parity import results
+
+    return results(tmp_path_factory.mktemp("single-process"), Layout(1, 1, 1))

@@ -39,8 +39,8 @@ def assert_steps_match(got: list, reference: list, what: str = "single-process")
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return results(tmp_path_factory.mktemp("ref"), Layout(1, 1, 1))
+def reference(single_process_steps):
+    return single_process_steps
 
 
 def test_reference_loss_falls(reference):

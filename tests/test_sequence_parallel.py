@@ -143,10 +143,8 @@ def sequence_parallel_results(tmp_path, layout: Layout) -> list:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    from tests.test_layout_parity import results
-
-    return results(tmp_path_factory.mktemp("ref"), Layout(1, 1, 1))
+def reference(single_process_steps):
+    return single_process_steps
 
 
 @pytest.mark.parametrize("layout", [Layout(2, 1, 1), Layout(2, 2, 1), Layout(2, 1, 2)],

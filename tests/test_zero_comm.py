@@ -14,7 +14,7 @@ import torch.distributed as dist
 from parallelism.deepspeed_engine import deepspeed_config
 from parallelism.topology import Layout
 from tests.multiprocess import run_processes
-from tests.test_layout_parity import STEPS, assert_steps_match, results
+from tests.test_layout_parity import STEPS, assert_steps_match
 from tests.train_steps import make_engine, train
 from training.config.checks import validate
 from training.config.loader import ConfigError, load_config
@@ -70,11 +70,11 @@ def _worker(rank, layout: Layout, out: str) -> None:
             json.dump({str(k): v for k, v in runs.items()}, f)
 
 
-def test_overlap_comm_trains_the_same(tmp_path):
+def test_overlap_comm_trains_the_same(tmp_path, single_process_steps):
     out = tmp_path / "runs.json"
     run_processes(_worker, LAYOUT, LAYOUT, str(out))
     runs = json.loads(out.read_text())
     assert_steps_match(runs["True"], runs["False"], "overlap_comm=false")
-    reference = results(tmp_path, Layout(1, 1, 1))
+    reference = single_process_steps
     assert_steps_match(runs["False"], reference)
     assert_steps_match(runs["True"], reference)
