@@ -40,6 +40,7 @@ setup(
         "datasets>=2.14",
         "tensorboard",
         "wandb",
+        "matplotlib",  # bloom-plot
     ],
     extras_require={"test": ["pytest>=8"]},
     entry_points={
@@ -50,6 +51,7 @@ setup(
             "bloom-export=launch.export_cli:main",
             "bloom-import=launch.import_cli:main",
             "bloom-eval=launch.eval_cli:main",
+            "bloom-plot=launch.plot_cli:main",
         ]
     },
 )

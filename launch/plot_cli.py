@@ -1,0 +1,33 @@
+"""bloom-plot: PNG figures of one or more runs, overlaid (training/plots.py says which).
+
+    bloom-plot RUN_DIR [RUN_DIR ...] --out DIR
+
+Reads each RUN_DIR/metrics.jsonl; writes DIR/loss.png, valid_loss.png, lr_batch.png,
+grad_norm.png and throughput.png, and prints their paths.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+PROG = "bloom-plot"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR")
+    args = parser.parse_args(argv)
+    from training.plots import PlotError, plot_runs
+
+    try:
+        written = plot_runs(args.runs, args.out)
+    except PlotError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    for path in written.values():
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
