@@ -434,3 +434,55 @@ def test_tflops_per_device_rejects_nonsense():
     assert tflops_per_device(8e12, 2.0, 4) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="seconds"):
         tflops_per_device(1e12, 0.0, 1)
+
+
+def wandb_history_by_run(run_dir, runs: int, timeout=15.0) -> dict:
+    """{run id: its history rows in order (all its sessions)}, the id read from each offline
+    session's own run record; waits until `runs` distinct ids have finished logs."""
+    deadline = time.time() + timeout
+    while True:
+        logs = [[r for f in sorted(p.glob("*.wandb")) for r in wandb_records(f)] for p in wandb_run_dirs(run_dir)]
+        done = all(any(r.WhichOneof("record_type") == "exit" for r in log) for log in logs)
+        ids = [next((r.run.run_id for r in log if r.WhichOneof("record_type") == "run"), None) for log in logs]
+        if (len(set(ids)) == runs and done) or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(set(ids)) == runs and done, f"wandb runs {ids}, all finished: {done}"
+    history = {}
+    for run_id, log in zip(ids, logs):
+        rows = history.setdefault(run_id, [])
+        for record in (r for r in log if r.WhichOneof("record_type") == "history"):
+            row = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item}
+            rows.append({k: v for k, v in row.items() if not k.startswith("_")})
+    return history
+
+
+def test_wandb_after_a_rewind_holds_each_step_once(tmp_path):
+    """A run logged to step 5 resumes from a checkpoint at step 3 and logs 4 and 5 again with
+    other values: the wandb run it writes to (named in run_dir/wandb/run_id, same group) holds
+    steps 1-5 once each with metrics.jsonl's values; the first run, finished, says where its
+    history continues."""
+    cfg = LoggingConfig(tensorboard=False, wandb=True, wandb_project="bloom-test")
+    first = MetricsLogger(tmp_path, cfg, True, {})
+    first_id = first._wandb.id
+    for step in range(1, 6):
+        first.log(step, step_metrics(step))
+    first.close()
+
+    resumed = MetricsLogger(tmp_path, cfg, True, {})
+    assert resumed.truncate_after(3) == 2
+    new_id = resumed._wandb.id
+    assert new_id != first_id and resumed._wandb.group == first_id
+    for step in (4, 5):
+        resumed.log(step, {**step_metrics(step), "lm_loss": 99.0 + step})
+    resumed.close()
+    assert (tmp_path / "wandb" / "run_id").read_text().strip() == new_id
+
+    history = wandb_history_by_run(tmp_path, runs=2)
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    rows = history[new_id]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] == [r["step"] for r in records]
+    for row, record in zip(rows, records):
+        assert row["lm_loss"] == record["lm_loss"], record["step"]
+    assert [r["lm_loss"] for r in rows[3:]] == [103.0, 104.0]
+    assert [r["step"] for r in history[first_id]] == [1, 2, 3, 4, 5]  # the abandoned timeline, as logged

@@ -113,7 +113,30 @@ class MetricsLogger:
             self._jsonl = open(path, "a", encoding="utf-8")
         if self._tb is not None:
             self._purge_tensorboard_after(step)
+        if dropped and self._wandb is not None:
+            self._wandb = self._fork_wandb(step)
         return dropped
+
+    def _fork_wandb(self, step: int):
+        """wandb cannot drop logged steps (rewind is a server-side feature an offline run lacks),
+        so a rewound run continues in a new wandb run of the same group that first replays the
+        kept metrics.jsonl records: the run being written holds each step once. The old run is
+        finished with a note of where the history continues, and run_dir/wandb/run_id names the
+        new one, so a later resume continues it."""
+        old = self._wandb
+        new_id = _store_wandb_run_id(self.run_dir, f"{_wandb_run_id(self.run_dir)[:16]}-{uuid.uuid4().hex[:6]}")
+        try:
+            old.summary.update({"rewound_at_step": step, "continued_in_run": new_id})
+        except Exception as exc:
+            log.warning("wandb summary failed: %s", _one_line(exc))
+        _finish_wandb(old)
+        config = {**self._config_dict, "rewound_from": {"run": old.id, "step": step}}
+        new = _open_wandb(self.run_dir, self.cfg.wandb_project, config)
+        if new is not None:
+            for line in (self.run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines():
+                record = json.loads(line)
+                new.log({"step": record["step"], **_scalars(record)})
+        return new
 
     def _purge_tensorboard_after(self, step: int) -> None:
         # TensorBoard hides events at or past purge_step written by earlier writers, which
@@ -247,7 +270,11 @@ def _wandb_run_id(run_dir: Path) -> str:
         stored = id_file.read_text().strip()
         if stored:
             return stored
-    run_id = uuid.uuid4().hex[:16]  # wandb's public API has no id generator of its own
+    return _store_wandb_run_id(run_dir, uuid.uuid4().hex[:16])  # wandb's API has no id generator
+
+
+def _store_wandb_run_id(run_dir: Path, run_id: str) -> str:
+    id_file = run_dir / WANDB_DIR / WANDB_ID_FILE
     id_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = id_file.with_name(WANDB_ID_FILE + ".tmp")
     tmp.write_text(run_id + "\n")
@@ -266,9 +293,10 @@ def _wandb_mode() -> str:
 def _open_wandb(run_dir: Path, project: str, config_dict: dict):
     try:
         import wandb
-        run = wandb.init(project=project, dir=str(run_dir), config=config_dict,
-                         id=_wandb_run_id(run_dir),
-                         resume="allow", mode=_wandb_mode())
+        run_id = _wandb_run_id(run_dir)
+        # The group is the first run's id: a rewound run's continuation (_fork_wandb) joins it.
+        run = wandb.init(project=project, dir=str(run_dir), config=config_dict, id=run_id,
+                         group=run_id[:16], resume="allow", mode=_wandb_mode())
         run.define_metric("step")
         run.define_metric("*", step_metric="step")
         return run
