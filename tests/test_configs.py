@@ -22,7 +22,7 @@ PUBLISHED = {
     "bloom-560m": 559_214_592, "bloom-1b1": 1_065_314_304, "bloom-1b7": 1_722_408_960,
     "bloom-3b": 3_002_557_440, "bloom-7b1": 7_069_016_064, "bloom-176b": 176_247_271_424,
 }
-GPU_MEMORY = {"bloom-176b": 80}  # A100-80GB; the smaller runs used V100-32GB
+GPU_MEMORY = {"bloom-176b": 80}  # A100-80GB (data sheet); the smaller runs used V100-32GB
 SIZES = sorted(PUBLISHED)
 
 

@@ -13,6 +13,7 @@ from parallelism.precision_support import unsupported_reason
 from parallelism.topology import Layout
 from training.config.loader import ConfigError, RootConfig
 from training.model.kernels import BACKENDS
+from training.plan.hardware import load_gpu
 from training.model.bloom import RECOMPUTE, ffn_size, padded_vocab_size
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -114,6 +115,7 @@ def check_training(cfg: RootConfig) -> None:
              "set trainer.train_iters or trainer.train_samples, not both")
     _require(cfg.data.seq_length >= 1, f"data.seq_length={cfg.data.seq_length} must be positive")
     _require(cfg.launcher.nodes >= 1, f"launcher.nodes={cfg.launcher.nodes} must be at least 1")
+    load_gpu(cfg.launcher.gpu_type)  # one line for a GPU type the catalogue does not know
     check_loss_scaler(t)
 
 

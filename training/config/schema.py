@@ -118,8 +118,9 @@ class LauncherConfig:
     nodes: int = 1
     gpus_per_node: int = 0
     nproc_per_node: Optional[int] = None  # defaults to gpus_per_node, or 1 on a CPU machine
+    # An entry of the hardware catalogue (configs/hardware/<name>.yaml) or a YAML file with its keys:
+    # the one home of the GPU's memory, peak rates and bandwidths (training/plan/hardware.py).
     gpu_type: str = "cpu"
-    gpu_memory_gib: float = 0.0
     partition: Optional[str] = None
     account: Optional[str] = None
     time: str = "20:00:00"

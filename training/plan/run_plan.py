@@ -11,6 +11,7 @@ from parallelism.topology import Layout
 from training.config.checks import batch_schedule, procs_per_node
 from training.config.loader import RootConfig
 from training.config.schema import ModelConfig
+from training.plan.hardware import load_gpu
 from training.plan.memory_estimate import estimate
 from training.model.bloom import build_model, ffn_size, padded_vocab_size
 from training.model.param_table import Shape, iter_parameters, numel
@@ -35,7 +36,9 @@ def make_plan(cfg: RootConfig, layout: Layout) -> dict:
     stages = estimate(cfg.model, layout, t.precision, cfg.parallel.zero_stage, cfg.data.seq_length,
                       t.micro_batch_size, schedule.num_micro_batches(10 ** 18), cfg.parallel.sequence_parallel)
     worst = max(stages, key=lambda s: s.total)
-    gpu_gib = cfg.launcher.gpu_memory_gib
+    gpu = load_gpu(cfg.launcher.gpu_type)
+    # A CPU "GPU" is host memory that a node's processes share.
+    gpu_gib = gpu.memory_gib / (procs_per_node(cfg) if gpu.name == "cpu" else 1)
     return {
         "model": cfg.model.name,
         "parameters": count_parameters_as_built(cfg.model, layout.tp),
@@ -56,7 +59,7 @@ def make_plan(cfg: RootConfig, layout: Layout) -> dict:
             "optimizer": round(worst.optimizer, 3), "activations": round(worst.activations, 3),
             "overhead": round(worst.overhead, 3), "total": round(worst.total, 3),
             "worst_stage": worst.stage, "gpu_memory_gib": gpu_gib,
-            "fits": (worst.total <= gpu_gib) if gpu_gib else None,
+            "fits": worst.total <= gpu_gib,
             "formula": "see training/plan/memory_estimate.py",
         },
         "stages": [s.as_dict() for s in stages],
@@ -65,7 +68,7 @@ def make_plan(cfg: RootConfig, layout: Layout) -> dict:
 
 def format_plan(plan: dict) -> str:
     mem = plan["memory_per_gpu_gib"]
-    fits = {True: "fits", False: "DOES NOT FIT", None: "no GPU memory given"}[mem["fits"]]
+    fits = "fits" if mem["fits"] else "DOES NOT FIT"
     lines = [
         f"model        {plan['model']}: {plan['parameters']:,} parameters (vocab padded to {plan['padded_vocab_size']:,})",
         f"layout       TP {plan['tp']} x PP {plan['pp']} x DP {plan['dp']} = {plan['world_size']} processes "
