@@ -44,9 +44,19 @@ def _cluster_name():
     return None
 
 
+def _node_states() -> list:
+    result = _run("sinfo", "-h", "-N", "-o", "%t", timeout=20)
+    return result.stdout.split() if result.returncode == 0 else []
+
+
 def _node_ready():
-    result = _run("sinfo", "-h", "-o", "%t", timeout=20)
-    return result.returncode == 0 and result.stdout.split()[:1] in (["idle"], ["mix"])
+    """A node is free for a job now."""
+    return any(state in ("idle", "mix") for state in _node_states())
+
+
+def _cluster_up():
+    """Some node takes jobs, perhaps after others' (a busy multi-node test cluster is not restarted)."""
+    return any(state.rstrip("*") in ("idle", "mix", "alloc", "comp") for state in _node_states())
 
 
 def in_ci(environ=os.environ) -> bool:
@@ -70,7 +80,7 @@ def ensure_test_cluster() -> str:
     if name not in (None, TEST_CLUSTER):
         no_cluster(f"this SLURM client reaches cluster {name!r}, not the one-node test cluster "
                    f"{TEST_CLUSTER!r}: no test jobs are sent to it")
-    if name is None or not _node_ready():
+    if name is None or not _cluster_up():
         # Idempotent, and refuses to replace a slurm.conf it did not write.
         result = _run(str(START), timeout=90)
         if result.returncode != 0:

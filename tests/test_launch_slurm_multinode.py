@@ -30,19 +30,21 @@ RTOL = 1e-4
 JOB_TIMEOUT_S = 420  # two 4-process jobs one after the other, on 2 shared cores
 
 
-def _idle_nodes() -> set:
+def _up_nodes() -> set:
+    """Nodes that take jobs, now or after the ones they run."""
     result = _run("sinfo", "-h", "-N", "-o", "%N %t", timeout=20)
     return {line.split()[0] for line in result.stdout.splitlines()
-            if result.returncode == 0 and line.split()[1] in ("idle", "mix")}
+            if result.returncode == 0 and line.split()[1].rstrip("*") in ("idle", "mix", "alloc", "comp")}
 
 
 @pytest.fixture(scope="session")
 def two_node_cluster():
-    """The two-node namespace cluster, started if its nodes are not both up."""
+    """The two-node namespace cluster, started if its nodes are not both up (a cluster of other
+    nodes, the one-node one included, is replaced: run the suite on the two-node one)."""
     if _cluster_name() not in (None, TEST_CLUSTER):
         no_cluster(f"this SLURM client reaches cluster {_cluster_name()!r}, not the test cluster "
                    f"{TEST_CLUSTER!r}: no test jobs are sent to it")
-    if not set(NODES) <= _idle_nodes():
+    if not set(NODES) <= _up_nodes():
         result = _run(str(START), "--nodes", "2", timeout=120)
         if result.returncode != 0:
             lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]

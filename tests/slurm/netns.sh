@@ -37,6 +37,9 @@ make_node_ns() {
 make_network() {  # $1: the node names
     ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
     ip -4 addr show dev "$BRIDGE" | grep -q "inet $BRIDGE_ADDR/" || ip addr add "$BRIDGE_ADDR/24" dev "$BRIDGE"
+    # Bridged packets skip the host's firewall: FORWARD rules (Docker sets DROP) would filter the
+    # traffic between nodes. (Best effort: older kernels have no per-bridge switch.)
+    ip link set "$BRIDGE" type bridge nf_call_iptables 0 nf_call_ip6tables 0 nf_call_arptables 0 2>/dev/null || true
     ip link set "$BRIDGE" up
     for name in $1; do
         make_node_ns "$name" || return 1
@@ -59,10 +62,29 @@ start_node_slurmd() {
     return 1
 }
 
-# Ends what still runs in the namespaces (job steps, slurmstepd), then removes them and the bridge.
+# Stops every slurmd (one per node) and slurmctld of the test cluster, and waits until they have
+# exited: a cluster started right after must find their ports free.
+stop_daemons() {
+    local pidfile pid stopped=()
+    for pidfile in /run/slurmd.pid /run/slurmd-"$NODE_PREFIX"*.pid /run/slurmctld.pid; do
+        if [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+            pid=$(cat "$pidfile")
+            kill "$pid" && stopped+=("$pid")
+        fi
+    done
+    for _ in $(seq 100); do
+        for pid in "${stopped[@]}"; do kill -0 "$pid" 2>/dev/null && { sleep 0.1; continue 2; }; done
+        return 0
+    done
+}
+
+# Ends what still runs in the node namespaces not named in $1 (job steps, slurmstepd), then
+# removes those namespaces; and the bridge too when $1 names none.
 remove_network() {
-    local names
-    names=$(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$NODE_PREFIX[0-9]*$" || true)
+    local keep=" ${1:-} " names="" name
+    for name in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$NODE_PREFIX[0-9]*$" || true); do
+        [[ "$keep" == *" $name "* ]] || names="$names $name"
+    done
     for signal in TERM KILL; do
         for name in $names; do
             ip netns pids "$name" 2>/dev/null | xargs -r kill -s "$signal" 2>/dev/null || true
@@ -73,5 +95,5 @@ remove_network() {
         ip netns del "$name"
         rm -rf "/etc/netns/$name"
     done
-    ! ip link show "$BRIDGE" >/dev/null 2>&1 || ip link del "$BRIDGE"
+    [ -n "${1:-}" ] || ! ip link show "$BRIDGE" >/dev/null 2>&1 || ip link del "$BRIDGE"
 }

@@ -39,7 +39,7 @@ for cmd in munged slurmctld slurmd sinfo scontrol; do
     command -v "$cmd" >/dev/null || [ -x "/usr/sbin/$cmd" ] || fail "$cmd not found: apt-get install -y slurm-wlm munge"
 done
 if [ "$NODES" -gt 1 ]; then
-    for cmd in ip unshare; do command -v "$cmd" >/dev/null || fail "$cmd not found: apt-get install -y iproute2 util-linux"; done
+    for cmd in ip unshare nsenter; do command -v "$cmd" >/dev/null || fail "$cmd not found: apt-get install -y iproute2 util-linux"; done
 fi
 export PATH="$PATH:/usr/sbin"
 if [ -e "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then
@@ -114,11 +114,15 @@ CONF
 
 pid_alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+# The namespaces first: where they cannot be made, a running cluster is left as it is.
+[ "$NODES" = 1 ] || make_network "$NODE_NAMES" || fail "cannot build the node namespaces and their bridge (see above)"
+
 # The node set a running cluster was started with: a different one needs fresh daemons (slurmctld
-# cannot add or drop nodes on `scontrol reconfigure`), so the old cluster is stopped first.
+# cannot add or drop nodes on `scontrol reconfigure`), and the namespaces of dropped nodes go.
 RESTART=0
 if [ -e "$CONF" ] && [ "$(grep '^NodeName=' "$CONF")" != "$(node_lines | grep '^NodeName=')" ]; then
-    "$HERE/stop_cluster.sh" >/dev/null
+    stop_daemons
+    if [ "$NODES" = 1 ]; then remove_network; else remove_network "$NODE_NAMES"; fi
     RESTART=1
 fi
 
@@ -139,9 +143,6 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
     for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
     munge -n | unmunge >/dev/null || fail "munged did not start"
 fi
-
-# The namespaces exist before slurmctld listens on the bridge's address.
-[ "$NODES" = 1 ] || make_network "$NODE_NAMES" || fail "cannot build the namespace network (see above)"
 
 if pid_alive /run/slurmctld.pid && [ "$CHANGED" = 1 ]; then
     scontrol reconfigure

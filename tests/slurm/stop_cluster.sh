@@ -9,19 +9,6 @@ MARK="# written by bloom-pretrain tests/slurm/start_cluster.sh"
 grep -qF "$MARK" /etc/slurm/slurm.conf 2>/dev/null || { echo "stop_cluster.sh: no test cluster here" >&2; exit 0; }
 [ "$(id -u)" = 0 ] || { echo "stop_cluster.sh: error: run as root" >&2; exit 1; }
 
-stopped=()
-for pidfile in /run/slurmd.pid /run/slurmd-"$NODE_PREFIX"*.pid /run/slurmctld.pid; do
-    if [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-        pid=$(cat "$pidfile")
-        kill "$pid" && stopped+=("$pid")
-    fi
-done
-# Wait for them to exit: a cluster started right after must find the ports free.
-for _ in $(seq 100); do
-    alive=0
-    for pid in "${stopped[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-    [ "$alive" = 0 ] && break
-    sleep 0.1
-done
+stop_daemons
 remove_network
 echo "slurm test cluster stopped"
