@@ -19,7 +19,8 @@ plain loop would write). The first step's losses must agree (asserted) before an
 Timing: after two warm-up steps each (compilation, allocator), rounds of `--steps` steps of each
 runner in turn, the order rotated every round, so load on a shared machine hits every runner
 alike. Printed: tokens/s of each (median over rounds) and the framework's ratio to each HF loop
-(median of the per-round ratios). `--profile` then runs torch.profiler over a few steps of the
+(median of the per-round ratios), on the wall clock and on this process's CPU time (tokens per
+CPU-second: steadier than wall time when other programs share the cores). `--profile` then runs torch.profiler over a few steps of the
 framework and of `hf+sdpa` and prints the top operators by self CPU time (or CUDA time).
 
 benchmarks/gpu_check.py uses the same pieces (build_framework, HFLoop, interleaved) in bf16 on a GPU.

@@ -28,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -117,16 +118,24 @@ def model_flops_per_step(cfg) -> float:
                                      cfg.trainer.global_batch_size, cfg.data.seq_length, False)
 
 
-def run_model(model: str, args, device, overrides, start_time, peak, matmul) -> list:
-    """Rows for one model: every framework variant, then the HF loop."""
-    rows, state, reference_cfg, losses = [], None, None, {}
-    batches = None
+HF_LABEL = "HF loop (SDPA)"
+
+
+def run_model(model: str, args, device, overrides, start_time, peak, matmul) -> tuple:
+    """(rows, problems) for one model: every framework variant and the HF loop. The HF loop runs
+    second (it needs the first variant's initial weights), so a tight time budget still compares."""
+    rows, state, reference_cfg, losses, problems, batches = {}, None, None, {}, [], None
     variants = [(k, r) for k in args.kernels for r in args.recompute]
-    for kernels, recompute in variants + [("hf", None)]:
-        label = f"{kernels} / {recompute}" if recompute else "HF loop (SDPA)"
+    labels = [f"{k} / {r}" for k, r in variants] + [HF_LABEL]
+    for kernels, recompute in variants[:1] + [("hf", None)] + variants[1:]:
+        label = f"{kernels} / {recompute}" if recompute else HF_LABEL
         if time.perf_counter() - start_time > args.budget_s:
-            rows.append({"model": model, "runner": label, "skipped": "time budget"})
+            rows[label] = {"model": model, "runner": label, "skipped": "time budget"}
             continue
+        if recompute is None and state is None:
+            rows[label] = {"model": model, "runner": label, "skipped": "no framework weights to start from"}
+            continue
+        release()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         runner = framework = hf = None
@@ -140,20 +149,19 @@ def run_model(model: str, args, device, overrides, start_time, peak, matmul) -> 
                     state, reference_cfg = bench.model_state(framework), cfg
                 estimate = plan_gib(cfg)
             else:
-                if state is None:
-                    rows.append({"model": model, "runner": label, "skipped": "no framework weights"})
-                    continue
                 cfg = reference_cfg
                 hf = bench.HFLoop(bench.hf_model(state, cfg.model, device, "hf+sdpa"), cfg.optim,
                                   torch.bfloat16 if args.precision == "bf16" else None)
                 runner, estimate = hf.step, None
             if batches is None:
                 batches = bench.micro_batches(cfg, 4)
-            loss = runner(batches[0])
-            losses[label] = loss
+            losses[label] = runner(batches[0])
             seconds = time_steps(runner, batches, args.steps, device)
-        except torch.cuda.OutOfMemoryError as error:
-            rows.append({"model": model, "runner": label, "skipped": f"out of memory ({str(error)[:60]})"})
+        except Exception as error:  # one variant failing (out of memory, a compile error) ends only its row
+            if not isinstance(error, torch.cuda.OutOfMemoryError):
+                traceback.print_exc()
+            rows[label] = {"model": model, "runner": label,
+                           "skipped": f"{type(error).__name__}: {str(error).splitlines()[0][:80] if str(error) else ''}"}
             continue
         finally:
             peak_gib = torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else None
@@ -161,18 +169,20 @@ def run_model(model: str, args, device, overrides, start_time, peak, matmul) -> 
             release()
         tokens = cfg.trainer.global_batch_size * cfg.data.seq_length
         tflops = model_flops_per_step(cfg) / seconds / 1e12
-        rows.append({"model": model, "runner": label, "tokens_per_s": tokens / seconds, "tflops": tflops,
-                     "mfu_peak": tflops / peak if peak else None, "mfu_matmul": tflops / matmul,
-                     "memory_gib": peak_gib, "plan_gib": estimate, "loss": loss})
+        rows[label] = {"model": model, "runner": label, "tokens_per_s": tokens / seconds, "tflops": tflops,
+                       "mfu_peak": tflops / peak if peak else None, "mfu_matmul": tflops / matmul,
+                       "memory_gib": peak_gib, "plan_gib": estimate, "loss": losses[label]}
     if losses:  # every runner started from the same weights on the same batch
         first = next(iter(losses.values()))
-        bench.check_equal_losses({"framework": first, **losses}, 2e-2 if args.precision == "bf16" else 1e-5)
-    framework_rows = [r for r in rows if "tflops" in r and r["runner"] != "HF loop (SDPA)"]
-    hf_rows = [r for r in rows if "tflops" in r and r["runner"] == "HF loop (SDPA)"]
-    if framework_rows and hf_rows:
-        for r in framework_rows:
-            r["vs_hf"] = r["tokens_per_s"] / hf_rows[0]["tokens_per_s"]
-    return rows
+        try:
+            bench.check_equal_losses({"framework": first, **losses}, 2e-2 if args.precision == "bf16" else 1e-5)
+        except AssertionError as error:
+            problems.append(f"{model}: {error}")
+    hf_row = rows.get(HF_LABEL, {})
+    for label in labels[:-1]:
+        if "tokens_per_s" in rows.get(label, {}) and "tokens_per_s" in hf_row:
+            rows[label]["vs_hf"] = rows[label]["tokens_per_s"] / hf_row["tokens_per_s"]
+    return [rows[label] for label in labels if label in rows], problems
 
 
 def fmt(value, spec: str, missing: str = "n/a") -> str:
@@ -203,6 +213,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int)
     parser.add_argument("--micro-batch", type=int)
     parser.add_argument("--steps", type=int)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="start no variant after this many seconds (the whole run stays under 8 min)")
     args = parser.parse_args(argv)
@@ -212,7 +223,7 @@ def main(argv=None) -> int:
         print("gpu_check: no CUDA GPU here: running the reduced CPU version (tiny model, fp32, eager kernels)",
               flush=True)
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
-    args.precision = "bf16" if gpu else "fp32"
+    args.precision = args.precision or ("bf16" if gpu else "fp32")
     args.models = args.models or (["bloom-560m", "bloom-1b7"] if gpu else ["bloom-tiny"])
     args.kernels = args.kernels or (["auto", "eager"] if gpu else ["eager"])
     args.seq = args.seq or (2048 if gpu else 64)
@@ -231,7 +242,7 @@ def main(argv=None) -> int:
         matmul = measured_matmul_tflops(device, torch.float32, 512, 20)
         where = (f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}; no catalogue peak; "
                  f"measured fp32 matmul (512^3) {matmul * 1e3:.1f} GFLOP/s")
-    rows = []
+    rows, problems = [], []
     for model in args.models:
         overrides = [f"model={model}", f"data.seq_length={args.seq}",
                      f"trainer.micro_batch_size={args.micro_batch}",
@@ -240,13 +251,16 @@ def main(argv=None) -> int:
                      "model.hidden_dropout=0", "model.attention_dropout=0"]
         if not gpu:
             overrides += CPU_SHAPE
-        rows += run_model(model, args, device, overrides, start_time, peak, matmul)
+        model_rows, model_problems = run_model(model, args, device, overrides, start_time, peak, matmul)
+        rows, problems = rows + model_rows, problems + model_problems
     header = (f"gpu_check {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {where}\n"
               f"seq {args.seq}, micro = global batch {args.micro_batch}, {args.precision}, ZeRO-1, one process; "
               f"median of {args.steps} timed steps per row after a warm-up; dropout off; 'vs HF' = tokens/s over the HF loop's")
     print_table(rows, header)
+    for problem in problems:
+        print(f"gpu_check: error: {problem}", flush=True)
     print(f"gpu_check: done in {time.perf_counter() - start_time:.0f} s", flush=True)
-    return 0
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
