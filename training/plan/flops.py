@@ -37,11 +37,15 @@ def model_flops_per_iteration(model_cfg: ModelConfig, padded_vocab: int, batch_s
     Megatron assumes an FFN of 4h; the 1/3 + f/(6h) below is its "1" written for any FFN width f,
     so BLOOM's shapes give exactly Megatron's number.
     """
-    h, L, s = model_cfg.hidden_size, model_cfg.num_layers, seq_length
-    f = ffn_size(model_cfg)
-    c = passes_over_blocks(recompute)
-    bracket = 1 / 3 + f / (6 * h) + s / (6 * h) + padded_vocab / (16 * L * h)
-    return 24.0 * c * batch_size * s * L * h * h * bracket
+    return megatron_flops(model_cfg.hidden_size, model_cfg.num_layers, seq_length, padded_vocab, batch_size,
+                          ffn_size(model_cfg), passes_over_blocks(recompute))
+
+
+def megatron_flops(h: int, L: int, s: int, V: int, B: int, f: int, passes: int) -> float:
+    """The formula above for any GPT shape: hidden h, L layers, sequence s, padded vocab V, batch B,
+    FFN width f, `passes` = 3 (no recompute) or 4 (full recompute)."""
+    bracket = 1 / 3 + f / (6 * h) + s / (6 * h) + V / (16 * L * h)
+    return 24.0 * passes * B * s * L * h * h * bracket
 
 
 def tflops_per_device(flops: float, seconds: float, world_size: int) -> float:
