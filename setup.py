@@ -22,7 +22,8 @@ setup(
     python_requires=">=3.11",  # 3.11 here; 3.12 on the GPU machines (benchmarks/gpu_check.sh)
     packages=["training", "training.model", "training.checkpoint", "training.hf", "training.config",
               "training.plan", "training.evaluation", "parallelism", "configs", "data", "launch"],
-    package_data={"configs": package_files("configs"), "data": package_files("data")},
+    package_data={"configs": package_files("configs"), "data": package_files("data"),
+                  "training.plan": package_files("training/plan")},
     install_requires=[
         # torch is pinned so pip never swaps the CPU wheel for a multi-GB CUDA build;
         # on a GPU cluster install the matching CUDA torch first and pip keeps it.
@@ -51,6 +52,7 @@ setup(
             "bloom-export=launch.export_cli:main",
             "bloom-import=launch.import_cli:main",
             "bloom-eval=launch.eval_cli:main",
+            "bloom-plan=launch.plan_cli:main",
             "bloom-plot=launch.plot_cli:main",
         ]
     },

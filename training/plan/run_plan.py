@@ -9,7 +9,7 @@ from pathlib import Path
 from parallelism.pipeline_partition import stage_layer_counts
 from parallelism.topology import Layout
 from training.config.checks import batch_schedule, procs_per_node
-from training.config.loader import RootConfig
+from training.config.loader import ConfigError, RootConfig
 from training.config.schema import ModelConfig
 from training.plan.hardware import load_gpu
 from training.plan.memory_estimate import estimate
@@ -63,7 +63,25 @@ def make_plan(cfg: RootConfig, layout: Layout) -> dict:
             "formula": "see training/plan/memory_estimate.py",
         },
         "stages": [s.as_dict() for s in stages],
+        "performance": performance_section(cfg),
     }
+
+
+def performance_section(cfg: RootConfig) -> dict:
+    """The planner's prediction for this layout and where it ranks (the engine of bloom-plan)."""
+    from training.plan.plan_report import describe, prediction_json
+    from training.plan.planner import plan
+
+    try:
+        result = plan(cfg)
+    except ConfigError as error:
+        return {"error": str(error)}
+    winner = result.ranked[0]
+    out = prediction_json(cfg, result.configured, result) if result.configured else {}
+    out.update(winner=describe(winner), winner_tokens_per_sec=winner.prediction.tokens_per_sec,
+               winner_gain=(winner.prediction.tokens_per_sec / result.configured.prediction.tokens_per_sec - 1)
+               if result.configured else None)
+    return out
 
 
 def format_plan(plan: dict) -> str:
@@ -81,6 +99,14 @@ def format_plan(plan: dict) -> str:
         f"optimizer {mem['optimizer']:.1f}, activations {mem['activations']:.1f}, overhead {mem['overhead']:.1f}) "
         f"of {mem['gpu_memory_gib']:g} GiB: {fits}",
     ]
+    perf = plan.get("performance", {})
+    if "error" in perf:
+        lines.append(f"performance  {perf['error']}")
+    elif perf:
+        rank = f"rank {perf['rank']} of {perf['candidates_fitting']} fitting layouts" if perf["rank"] else "not among the fitting layouts"
+        lines.append(f"performance  predicted {perf['tflops_per_gpu']:.3g} TFLOPs/GPU (MFU {perf['mfu']:.1%}), "
+                     f"{perf['tokens_per_sec']:,.0f} tokens/s, {perf['step_time_s']:.3f} s per step, bubble {perf['bubble']:.1%}; "
+                     f"{rank}; the best: {perf['winner']} ({perf['winner_gain']:+.1%}); bloom-plan shows the ranking")
     return "\n".join(lines)
 
 
