@@ -42,6 +42,7 @@ setup(
         "tensorboard",
         "wandb",
         "matplotlib",  # bloom-plot
+        "msgpack>=1",  # bloom-export --flax writes flax_model.msgpack (training/hf/flax_export.py)
     ],
     extras_require={"test": ["pytest>=8"]},
     entry_points={
