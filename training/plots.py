@@ -59,7 +59,7 @@ def plot_runs(run_dirs: List[Path], out: Path) -> Dict[str, Path]:
     written = {}
     for name, figure in figures(runs).items():
         path = out / f"{name}.png"
-        figure.savefig(path, dpi=100)
+        figure.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(figure)
         written[name] = path
     return written
@@ -93,8 +93,7 @@ def _legend(axes) -> None:
 
 def _figure(rows: int = 1):
     figure, axes = plt.subplots(rows, 1, figsize=(8, 3.2 * rows), sharex=True, squeeze=False)
-    for a in axes[:, 0]:
-        a.set_xlabel("iteration")
+    axes[-1, 0].set_xlabel("iteration")  # the panels share it
     return figure, list(axes[:, 0])
 
 
