@@ -1,12 +1,13 @@
 """bloom-export: a checkpoint (any TP/PP/DP layout) -> a Hugging Face Hub directory.
 
     bloom-export CHECKPOINT --out DIR [--dtype bf16|fp16|fp32] [--max-shard-size 2GB]
-                 [--push-to-hub REPO [--private]] [--skip-self-check]
+                 [--push-to-hub REPO [--private]] [--skip-self-check] [--flax]
 
 CHECKPOINT is a checkpoint directory (iter_XXXXXXXX) or a checkpoints directory with `latest`.
 Checksums are verified first; before DIR appears, the exported model is loaded with
 transformers and its logits compared with the training model's (--skip-self-check only for models
-too large to hold twice in this machine's memory).
+too large to hold twice in this machine's memory). --flax also writes flax_model.msgpack (sharded
+like the safetensors), which transformers 4.x's FlaxBloomModel / FlaxBloomForCausalLM load.
 """
 import argparse
 import sys
@@ -32,6 +33,8 @@ def parse_args(argv):
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload DIR to this Hub repo afterwards")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
     parser.add_argument("--skip-self-check", action="store_true")
+    parser.add_argument("--flax", action="store_true",
+                        help="also write flax_model.msgpack (transformers 4.x Flax BLOOM)")
     return parser.parse_args(argv)
 
 
@@ -50,7 +53,7 @@ def main(argv=None) -> int:
     size = int(args.max_shard_size) if args.max_shard_size.isdigit() else args.max_shard_size
     try:
         result = export_checkpoint(args.checkpoint, args.out, args.dtype, size,
-                                   run_self_check=not args.skip_self_check)
+                                   run_self_check=not args.skip_self_check, flax=args.flax)
     except (ExportError, CheckpointError, DataError, OSError) as error:
         return fail(_one_line(error))
     except SelfCheckFailed as error:

@@ -294,7 +294,23 @@ def _train_tp2_pp2_and_probe(rank, overrides, out):
         torch.save(logits, out)
 
 
-def test_export_from_tp2_pp2_training_matches_the_training_model(tmp_path, data_cache, capsys, monkeypatch):
+@pytest.fixture(scope="session")
+def tp2_pp2_run(tmp_path_factory, data_cache):
+    """bloom-train's trainer at TP2 x PP2 (4 processes, 4 heads), 2 iterations, checkpoint saved:
+    (its run directory, the logits its running model computes on probe_tokens after the last
+    step). One launch per session, shared with tests/test_hf_ecosystem.py."""
+    from parallelism.topology import Layout
+    from tests.multiprocess import run_processes
+
+    root = tmp_path_factory.mktemp("tp2-pp2")
+    run = root / "run"
+    overrides = TINY_RUN + [f"trainer.run_dir={run}", f"data.cache_dir={data_cache}", "parallel.tp=2",
+                            "parallel.pp=2", "trainer.train_iters=2", "trainer.save_interval=2"]
+    run_processes(_train_tp2_pp2_and_probe, Layout(2, 2, 1), overrides, str(root / "running.pt"))
+    return run, torch.load(root / "running.pt")
+
+
+def test_export_from_tp2_pp2_training_matches_the_training_model(tp2_pp2_run, tmp_path, capsys, monkeypatch):
     """bloom-train's trainer at TP2 x PP2 (4 processes) saves its checkpoint as four TP x PP shards
     (the embedding on both end stages); bloom-export merges them. HF's fp32 logits on the export
     equal the logits the running TP2 x PP2 model computes after its last optimizer step, gathered
@@ -302,15 +318,10 @@ def test_export_from_tp2_pp2_training_matches_the_training_model(tmp_path, data_
     would show), and the model card carries the run's facts."""
     from transformers import BloomForCausalLM
 
-    from parallelism.topology import Layout
-    from tests.multiprocess import run_processes
     from training.checkpoint.files import resolve_latest
     from training.checkpoint.saved_model import open_checkpoint
 
-    run = tmp_path / "run"
-    overrides = TINY_RUN + [f"trainer.run_dir={run}", f"data.cache_dir={data_cache}", "parallel.tp=2",
-                            "parallel.pp=2", "trainer.train_iters=2", "trainer.save_interval=2"]
-    run_processes(_train_tp2_pp2_and_probe, Layout(2, 2, 1), overrides, str(tmp_path / "running.pt"))
+    run, running = tp2_pp2_run
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)  # left by in-process groups of earlier tests
     assert resolve_latest(run / "checkpoints") is not None
@@ -321,7 +332,6 @@ def test_export_from_tp2_pp2_training_matches_the_training_model(tmp_path, data_
     status, out, err = run_cli(export_cli.main, [run / "checkpoints", "--out", tmp_path / "hf", "--dtype", "fp32"], capsys)
     assert status == 0, err
     assert "self-check: logits max abs diff" in out
-    running = torch.load(tmp_path / "running.pt")
     hf = BloomForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     with torch.no_grad():
         exported = hf(probe_tokens(shape["vocab_size"])).logits

@@ -6,6 +6,8 @@
     tokenizer.json, tokenizer_config.json, special_tokens_map.json
     generation_config.json            bos / eos / pad ids
     README.md                         the model card (training/hf/model_card.py)
+    flax_model.msgpack                with --flax: the same weights for transformers 4.x's Flax BLOOM
+                                      (training/hf/flax_export.py; sharded + index like HF's)
 
 Vocabulary: config.json's vocab_size is the checkpoint's padded row count, every row exported.
 Padding rows never receive a target but do take part in the softmax, so cutting them off would
@@ -26,6 +28,7 @@ from safetensors.torch import save_file
 from data.tokenizer import TokenizerInfo
 from training.checkpoint.files import verify
 from training.hf.convert import hf_from_shards
+from training.hf.flax_export import write_flax_weights
 from training.hf.importer import TOKENIZER_FILES
 from training.hf.model_card import (blend_weights, final_losses, find_metrics, read_trainer_state,
                                     render)
@@ -108,6 +111,12 @@ def write_weights(directory: Path, state: Dict[str, torch.Tensor], max_shard_siz
     return len(split.filename_to_tensors)
 
 
+def _size_in_bytes(size) -> int:
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    return size if isinstance(size, int) else parse_size_to_int(size)
+
+
 def copy_tokenizer(source: Path, target: Path) -> None:
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
@@ -124,8 +133,9 @@ def _prepare_out(out: Path) -> Path:
 
 
 def export_checkpoint(checkpoint, out, dtype: str = "bf16", max_shard_size="2GB",
-                      run_self_check: bool = True) -> ExportResult:
-    """Export `checkpoint` (a checkpoint dir, or a checkpoints dir with `latest`) to `out`."""
+                      run_self_check: bool = True, flax: bool = False) -> ExportResult:
+    """Export `checkpoint` (a checkpoint dir, or a checkpoints dir with `latest`) to `out`; with
+    `flax`, flax_model.msgpack too (the same tensors, in Flax's names and layout)."""
     from transformers import GenerationConfig
 
     from training.hf.self_check import self_check
@@ -147,7 +157,11 @@ def export_checkpoint(checkpoint, out, dtype: str = "bf16", max_shard_size="2GB"
         bloom_config(shape, config, dtype, ids).save_pretrained(str(staging))
         GenerationConfig(bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"],
                          pad_token_id=ids["pad_token_id"]).save_pretrained(str(staging))
-        shards = write_weights(staging, hf_state_dict(tensors, shape, dtype), max_shard_size)
+        state = hf_state_dict(tensors, shape, dtype)
+        shards = write_weights(staging, state, max_shard_size)
+        if flax:
+            write_flax_weights(staging, state, _size_in_bytes(max_shard_size))
+        del state
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, staging)
         diff = self_check(staging, tensors, shape, DTYPES[dtype]) if run_self_check else None
