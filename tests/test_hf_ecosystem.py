@@ -60,7 +60,7 @@ def _flax_only(export: Path, target: Path, weights=(FLAX_WEIGHTS,)) -> Path:
 def tp2_pp2_export(tp2_pp2_run, tmp_path_factory):
     """`bloom-export --flax --dtype fp32` of the TP2 x PP2 checkpoint, the references, and the
     msgpack rewritten chunked (tiny chunks) and sharded, each in a flax-only directory."""
-    from transformers import BloomModel
+    from transformers import BloomForCausalLM, BloomModel
 
     run, running = tp2_pp2_run
     root = tmp_path_factory.mktemp("ecosystem")
@@ -73,7 +73,16 @@ def tp2_pp2_export(tp2_pp2_run, tmp_path_factory):
     tokens = probe_tokens_for(run)
     with torch.no_grad():
         hidden = BloomModel.from_pretrained(str(out), dtype=torch.float32).eval()(tokens).last_hidden_state
-    np.savez(root / "reference.npz", tokens=tokens.numpy(), running=running.numpy(), hidden=hidden.numpy())
+    # bf16 (bloom-export's default dtype): the reference is transformers 5 on the bf16 safetensors
+    # (the same bf16-rounded weights), computing in fp32 as Flax does with bf16 params.
+    bf16 = root / "export-bf16"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _clear_dist_env(monkeypatch)
+        assert export_cli.main([str(run / "checkpoints"), "--out", str(bf16), "--flax"]) == 0
+    with torch.no_grad():
+        bf16_logits = BloomForCausalLM.from_pretrained(str(bf16), dtype=torch.float32).eval()(tokens).logits
+    np.savez(root / "reference.npz", tokens=tokens.numpy(), running=running.numpy(), hidden=hidden.numpy(),
+             bf16_logits=bf16_logits.numpy())
 
     state = hf_tensors(out)
     chunked = _flax_only(out, root / "chunked", weights=())
@@ -81,6 +90,7 @@ def tp2_pp2_export(tp2_pp2_run, tmp_path_factory):
     sharded = _flax_only(out, root / "sharded", weights=())
     assert write_flax_weights(sharded, state, max_shard_size=40_000) > 2
     return {"export": out, "flax_only": _flax_only(out, root / "flax-only"), "chunked": chunked,
+            "bf16_flax_only": _flax_only(bf16, root / "bf16-flax-only"),
             "sharded": sharded, "reference": root / "reference.npz", "work": root}
 
 
@@ -100,7 +110,7 @@ from flax import serialization
 from flax.traverse_util import flatten_dict
 from transformers import BloomForCausalLM, FlaxBloomForCausalLM, FlaxBloomModel
 
-export, flax_only, chunked, sharded, reference, work = map(Path, sys.argv[1:7])
+export, flax_only, chunked, sharded, bf16_flax_only, reference, work = map(Path, sys.argv[1:8])
 ref = np.load(reference)
 tokens, running = ref["tokens"], ref["running"]
 diff = lambda a, b: float(np.abs(np.asarray(a, dtype=np.float64) - b).max())
@@ -142,6 +152,13 @@ serialization.MAX_CHUNK_SIZE = 2 ** 30
 out["chunked_logits_diff"] = diff(FlaxBloomForCausalLM.from_pretrained(chunked)(tokens).logits, running)
 out["sharded_logits_diff"] = diff(FlaxBloomForCausalLM.from_pretrained(sharded)(tokens).logits, running)
 
+# bf16 (bloom-export's default): stored and loaded as bfloat16, what flax writes, the bf16 weights' logits.
+bf16_raw = (bf16_flax_only / "flax_model.msgpack").read_bytes()
+bf16_lm = FlaxBloomForCausalLM.from_pretrained(bf16_flax_only)
+out["bf16_dtypes"] = sorted({str(v.dtype) for v in jax.tree_util.tree_leaves(bf16_lm.params)})
+out["bf16_flax_to_bytes_identical"] = serialization.to_bytes(serialization.msgpack_restore(bf16_raw)) == bf16_raw
+out["bf16_logits_diff"] = diff(bf16_lm(tokens).logits, ref["bf16_logits"])
+
 # transformers 4's PyTorch BloomForCausalLM on the safetensors.
 pt = BloomForCausalLM.from_pretrained(export, torch_dtype=torch.float32).eval()
 with torch.no_grad():
@@ -153,16 +170,17 @@ print(json.dumps(out))
 def test_flax_and_transformers4_logits_equal_the_tp2_pp2_training_model(hf4_python, tp2_pp2_export):
     e = tp2_pp2_export
     r = run_side(hf4_python, TP2_PP2_SCRIPT, e["export"], e["flax_only"], e["chunked"], e["sharded"],
-                 e["reference"], e["work"])
+                 e["bf16_flax_only"], e["reference"], e["work"])
     assert r["versions"]["transformers"].startswith("4."), r["versions"]
     print(json.dumps({k: v for k, v in r.items() if k != "param_names"}))
     # The logits of the running TP2 x PP2 model, from the Flax classes and transformers 4 PyTorch.
     for key in ("flax_lm_logits_diff", "flax_base_tied_logits_diff", "flax_base_hidden_diff",
-                "chunked_logits_diff", "sharded_logits_diff", "pt4_logits_diff"):
+                "chunked_logits_diff", "sharded_logits_diff", "pt4_logits_diff", "bf16_logits_diff"):
         assert r[key] < LOGITS_ATOL, (key, r[key])
     # Exactly the file format and tree transformers and flax write themselves.
     assert r["loaded_is_the_file"] and r["flax_to_bytes_identical"] and r["hf_conversion_identical"], r
     assert r["chunked_has_chunks"] and r["chunked_identical_to_flax"], r
+    assert r["bf16_dtypes"] == ["bfloat16"] and r["bf16_flax_to_bytes_identical"], r
     assert "transformer/h/1/self_attention/query_key_value/kernel" in r["param_names"]
     assert not any(name.startswith("lm_head") for name in r["param_names"])  # tied
     index = json.loads((e["sharded"] / FLAX_INDEX).read_text())
