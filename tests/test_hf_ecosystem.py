@@ -333,3 +333,28 @@ def test_side_environment_fails_in_one_line_when_pip_cannot_install(tmp_path, mo
     assert message.startswith("transformers-4 side environment: pip install transformers>=4.57,<5")
     assert "failed (is PyPI reachable?)" in message and "transformers" in message.split(":")[-1], message
     assert not (tmp_path / "venv" / hf4_env.MARKER).exists()
+
+
+def test_side_environment_is_reused_when_complete_and_rebuilt_when_not(tmp_path, monkeypatch):
+    """A complete side environment (its marker names these requirements) is used as it is, with
+    no pip run (pip could not run here); one without the marker or built for other requirements
+    is not trusted (ensure_hf4_python removes and rebuilds it: the pip test above shows a build)."""
+    import os
+    import sys
+
+    from tests import hf4_env
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    os.symlink(sys.executable, venv / "bin" / "python")
+    monkeypatch.setenv("BLOOM_HF4_VENV", str(venv))
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    (venv / hf4_env.MARKER).write_text(json.dumps({"requirements": hf4_env.REQUIREMENTS}))
+    assert hf4_env.ensure_hf4_python() == venv / "bin" / "python"
+    assert hf4_env._complete(venv)
+    (venv / hf4_env.MARKER).write_text(json.dumps({"requirements": ["transformers==4.44.0"]}))
+    assert not hf4_env._complete(venv)
+    (venv / hf4_env.MARKER).unlink()
+    assert not hf4_env._complete(venv)
