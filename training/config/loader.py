@@ -63,9 +63,15 @@ def load_config(overrides: List[str] = ()) -> RootConfig:
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             composed = compose("config", overrides=list(overrides))
-        return OmegaConf.to_object(composed)
+        cfg = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException, ValueError) as error:
         raise ConfigError(_one_line(error)) from None
+    if cfg.parallel.auto:
+        # Every rank and every launcher plans the same config, so all run the same winner.
+        from training.plan.planner import apply_auto
+
+        apply_auto(cfg)
+    return cfg
 
 
 def to_yaml(cfg: RootConfig) -> str:

@@ -45,6 +45,9 @@ class ParallelConfig:
     # Split LayerNorms, dropouts and the residual stream along the sequence over the TP group
     # (Korthikanti et al. 2022; parallelism/sequence_parallel.py). Needs tp > 1.
     sequence_parallel: bool = False
+    # Run bloom-plan's winner for this model and cluster: tp, pp, dp, zero_stage, sequence_parallel,
+    # trainer.micro_batch_size and model.recompute are replaced by its choice (training/plan/planner.py).
+    auto: bool = False
     # DeepSpeed's ZeRO communication (parallelism/deepspeed_engine.py zero_config), each passed to
     # the stages that read it. Defaults: DeepSpeed's and Megatron-DeepSpeed's (BigScience ran
     # DeepSpeed's defaults); bucket sizes count elements.

@@ -220,3 +220,15 @@ def run_duration(cfg: RootConfig, lay: Layout, gpu: GPU, per_node: int) -> Dict[
     world = lay.world
     return {"samples": consumed, "steps": steps, "seconds": seconds, "days": seconds / 86400,
             "gpu_hours": seconds * world / 3600, "rampup_steps": min(steps, schedule.steps_to_rampup_end())}
+
+
+def apply_auto(cfg: RootConfig) -> Candidate:
+    """parallel.auto=true: put the planner's winner into the config (layout, micro-batch,
+    recompute, sequence parallelism, ZeRO stage); one ConfigError when nothing fits."""
+    winner = plan(cfg).ranked[0]
+    lay = winner.layout
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp = lay.tp, lay.pp, lay.dp
+    cfg.parallel.sequence_parallel, cfg.parallel.zero_stage = lay.sequence_parallel, lay.zero_stage
+    cfg.trainer.micro_batch_size = lay.micro_batch
+    cfg.model.recompute = lay.recompute
+    return winner

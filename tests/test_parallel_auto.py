@@ -1,0 +1,43 @@
+"""parallel.auto=true: bloom-train (and bloom-slurm, which loads the same config) runs the
+planner's winner."""
+import json
+from pathlib import Path
+
+import yaml
+
+from tests.bloom_train import TINY_RUN, bloom_train, data_cache  # noqa: F401 (fixture)
+from training.config.checks import validate
+from training.config.loader import ConfigError, load_config
+from training.plan.planner import plan
+
+CLUSTER = ["experiment=bloom-7b1", "launcher.nodes=2", "launcher.gpus_per_node=8", "launcher.gpu_type=A100-40GB"]
+
+
+def test_auto_takes_the_winner():
+    winner = plan(load_config(CLUSTER)).ranked[0].layout
+    cfg = load_config(CLUSTER + ["parallel.auto=true"])
+    p = cfg.parallel
+    assert (p.tp, p.pp, p.dp, p.sequence_parallel, p.zero_stage) == (
+        winner.tp, winner.pp, winner.dp, winner.sequence_parallel, winner.zero_stage)
+    assert (cfg.trainer.micro_batch_size, cfg.model.recompute) == (winner.micro_batch, winner.recompute)
+    assert validate(cfg, 16).world_size == 16
+    try:  # BigScience's TP4 x PP4 x DP8 cannot use 16 GPUs: auto is what makes it run
+        validate(load_config(CLUSTER), 16)
+        raise AssertionError("expected a ConfigError")
+    except ConfigError as error:
+        assert "parallel.dp=8" in str(error)
+
+
+def test_bloom_train_runs_the_winner(tmp_path, data_cache):  # noqa: F811
+    args = TINY_RUN + ["parallel.auto=true", "launcher.nproc_per_node=2", "trainer.train_iters=2",
+                       f"data.cache_dir={data_cache}", f"trainer.run_dir={tmp_path}"]
+    winner = plan(load_config(args)).ranked[0].layout
+    run = bloom_train(args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    resolved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert resolved["parallel"]["tp"] == winner.tp and resolved["parallel"]["pp"] == winner.pp
+    assert resolved["parallel"]["zero_stage"] == winner.zero_stage
+    assert resolved["trainer"]["micro_batch_size"] == winner.micro_batch
+    assert resolved["model"]["recompute"] == winner.recompute
+    steps = [json.loads(line) for line in Path(tmp_path, "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps][-1] == 2
