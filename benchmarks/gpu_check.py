@@ -11,7 +11,7 @@ process) for every kernels x recompute choice, and the plain HF loop of benchmar
 clipping), each from the same initial weights on the same batches; the first-step losses must
 agree (asserted). Dropout is off in both, so that they can. Per row: tokens/s, model TFLOPs per GPU
 (Megatron's formula, training/plan/flops.py, recomputation not counted), MFU against the GPU's
-dense bf16 peak (PEAK_TFLOPS below) and against the bf16 matmul rate measured here at the start,
+dense bf16 peak (the hardware catalogue configs/hardware/, from NVIDIA data sheets) and against the bf16 matmul rate measured here at the start,
 the peak memory allocated (torch.cuda.max_memory_allocated) and the plan's estimate for the same
 run (training/plan/memory_estimate.py, without its 2 GiB allowance for the CUDA context and
 fragmentation, which max_memory_allocated does not see).
@@ -40,27 +40,23 @@ import bench_vs_hf as bench  # noqa: E402  (sets DS_ACCELERATOR=cpu on a machine
 
 GIB = 2 ** 30
 
-# Dense (no structured sparsity) bf16 Tensor Core peaks, TFLOP/s, from NVIDIA's data sheets:
-# H100 SXM and H200 SXM: 1,979 with sparsity, so 989.5 dense ("NVIDIA H100 Tensor Core GPU"
-# datasheet; "NVIDIA H200 Tensor Core GPU" datasheet); H100 PCIe: 1,513 sparse, 756 dense (H100
-# datasheet); H100 NVL: 1,671 sparse, 835 dense; A100 (SXM and PCIe): 312 dense, 624 sparse ("NVIDIA
-# A100 Tensor Core GPU" datasheet). Matched against torch.cuda.get_device_name(), first match wins.
-PEAK_TFLOPS = (
-    ("H200", 989.5),
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.5),  # SXM5
-    ("A100", 312.0),
-)
-
 # The reduced CPU version: the table's every column, on a model a CI machine trains in seconds.
 CPU_SHAPE = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4"]
 
 
-def catalogue_peak(device_name: str):
-    for key, tflops in PEAK_TFLOPS:
-        if key.lower() in device_name.lower():
-            return tflops
+def catalogue_entry(device_name: str, memory_gib: float):
+    """This GPU's entry in the hardware catalogue (configs/hardware/, the data sheets' dense peaks),
+    or None when the catalogue does not hold it (an H100 PCIe or NVL has lower peaks than the SXM)."""
+    from training.plan.hardware import load_gpu
+
+    name = device_name.upper()
+    if "H100" in name and ("PCIE" in name or "NVL" in name):
+        return None
+    for key, entry in (("H200", "H200-141GB"), ("H100", "H100-80GB"), ("V100", "V100-32GB")):
+        if key in name:
+            return load_gpu(entry)
+    if "A100" in name:
+        return load_gpu("A100-80GB" if memory_gib > 50 else "A100-40GB")
     return None
 
 
@@ -232,10 +228,12 @@ def main(argv=None) -> int:
     bench.one_process_job(device)
     if gpu:
         name = torch.cuda.get_device_name(device)
-        peak = catalogue_peak(name)
+        entry = catalogue_entry(name, torch.cuda.get_device_properties(device).total_memory / GIB)
+        peak = entry.peak("bf16") if entry else None
         matmul = measured_matmul_tflops(device, torch.bfloat16, 8192, 20)
         where = (f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}; dense bf16 peak "
-                 + (f"{peak:g} TFLOP/s (NVIDIA data sheet)" if peak else "unknown for this GPU")
+                 + (f"{peak:g} TFLOP/s (configs/hardware/{entry.name}.yaml, NVIDIA data sheet)" if peak
+                    else "not in the hardware catalogue")
                  + f"; measured bf16 matmul (8192^3) {matmul:.0f} TFLOP/s")
     else:
         name, peak = "CPU", None
