@@ -11,6 +11,7 @@ tests/test_launch_slurm.py. The fixture starts the cluster when fewer than two n
 """
 import datetime
 import json
+import os
 import re
 import subprocess
 import sys
@@ -147,31 +148,47 @@ def test_placement_lines_name_hosts_coordinates_and_split_tp_groups():
     assert split[-1].startswith("warning: 1 of 3 TP groups span hosts (first: ranks 2-3)")
 
 
-def _stalled_collective(rank: int, port: int, out: str) -> None:
-    """Both ranks join with a 3 s timeout; rank 1 never enters the all-reduce on a group made the
-    way DeepSpeed makes its own (no timeout given), so rank 0's must fail after ~3 s, not 30 min."""
-    import os
+TIMEOUT_S = 6
 
+
+def _barrier(path, rank: int) -> None:
+    """Both processes arrive here before either starts the rendezvous: under a loaded CPU they
+    finish importing torch seconds apart, and the rendezvous itself is bound by the timeout."""
+    open(f"{path}.{rank}", "w").close()
+    deadline = time.monotonic() + 120
+    while not all(os.path.exists(f"{path}.{r}") for r in (0, 1)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _stalled_collective(rank: int, port: int, out: str) -> None:
+    """Both ranks join with a short timeout; rank 1 never enters the all-reduce on a group made
+    the way DeepSpeed makes its own (no timeout given), so rank 0's must fail after the configured
+    time, not torch's 30-minute default for gloo."""
     import torch
     import torch.distributed as dist
 
     from parallelism.topology import init_process_group
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    init_process_group("gloo", timeout_s=3)
+    _barrier(out, rank)
+    init_process_group("gloo", timeout_s=TIMEOUT_S)
     group = dist.new_group([0, 1])
-    if rank == 1:
-        time.sleep(20)
-        os._exit(0)  # gone without a goodbye, as a dead rank would be
+    if rank == 1:  # silent until rank 0 has its answer (or long past the timeout)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(out) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os._exit(0)
     start = time.monotonic()
     try:
         dist.all_reduce(torch.ones(1), group=group)
         error = "none"
     except Exception as caught:  # gloo's timeout surfaces as a RuntimeError subclass
         error = type(caught).__name__
-    with open(out, "w") as f:
-        json.dump({"seconds": time.monotonic() - start, "error": error,
-                   "timeout": str(group._get_backend(torch.device("cpu")).options._timeout)}, f)
+    result = {"seconds": time.monotonic() - start, "error": error,
+              "timeout": str(group._get_backend(torch.device("cpu")).options._timeout)}
+    with open(f"{out}.tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(f"{out}.tmp", out)
     os._exit(0)
 
 
@@ -182,5 +199,5 @@ def test_collective_timeout_reaches_groups_made_without_one(tmp_path):
     mp.start_processes(_stalled_collective, args=(free_port(), str(out)), nprocs=2, join=True,
                        start_method="spawn")
     got = json.loads(out.read_text())
-    assert got["timeout"] == str(datetime.timedelta(seconds=3))
-    assert got["error"] != "none" and 2.5 < got["seconds"] < 15, got
+    assert got["timeout"] == str(datetime.timedelta(seconds=TIMEOUT_S))
+    assert got["error"] != "none" and TIMEOUT_S - 0.5 < got["seconds"] < 30, got
