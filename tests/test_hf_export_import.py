@@ -294,11 +294,20 @@ def _train_tp2_pp2_and_probe(rank, overrides, out):
         torch.save(logits, out)
 
 
+_TP2_PP2_RUN = {}  # pytest keeps one fixture instance per module that imports it: launch once
+
+
 @pytest.fixture(scope="session")
 def tp2_pp2_run(tmp_path_factory, data_cache):
     """bloom-train's trainer at TP2 x PP2 (4 processes, 4 heads), 2 iterations, checkpoint saved:
     (its run directory, the logits its running model computes on probe_tokens after the last
     step). One launch per session, shared with tests/test_hf_ecosystem.py."""
+    if "run" not in _TP2_PP2_RUN:
+        _TP2_PP2_RUN["run"] = _launch_tp2_pp2(tmp_path_factory, data_cache)
+    return _TP2_PP2_RUN["run"]
+
+
+def _launch_tp2_pp2(tmp_path_factory, data_cache):
     from parallelism.topology import Layout
     from tests.multiprocess import run_processes
 
