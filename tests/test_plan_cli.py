@@ -108,3 +108,16 @@ def test_console_script_has_no_traceback():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert [line for line in run.stderr.splitlines() if line.strip()][-1].startswith("bloom-plan: error: ")
+
+
+def test_dry_run_uses_the_same_engine(tmp_path, capsys):
+    from launch.train_cli import main as bloom_train
+
+    assert bloom_train(["experiment=bloom-176b", "trainer.dry_run=true", f"trainer.run_dir={tmp_path}"]) == 0
+    performance = json.loads((tmp_path / "plan.json").read_text())["performance"]
+    result = plan(load_config(["experiment=bloom-176b"]))
+    assert performance["rank"] == result.configured_rank
+    assert performance["step_time_s"] == pytest.approx(result.configured.prediction.step_time_s)
+    assert performance["memory_per_gpu_gib"] <= 80
+    out, _ = _lines(capsys)
+    assert any(line.startswith("performance  predicted") and f"rank {result.configured_rank} of" in line for line in out)
