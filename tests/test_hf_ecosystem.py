@@ -58,8 +58,9 @@ def _flax_only(export: Path, target: Path, weights=(FLAX_WEIGHTS,)) -> Path:
 
 @pytest.fixture(scope="module")
 def tp2_pp2_export(tp2_pp2_run, tmp_path_factory):
-    """`bloom-export --flax --dtype fp32` of the TP2 x PP2 checkpoint, the references, and the
-    msgpack rewritten chunked (tiny chunks) and sharded, each in a flax-only directory."""
+    """`bloom-export --flax --dtype fp32` of the TP2 x PP2 checkpoint, the references, the
+    msgpack rewritten chunked (tiny chunks) and sharded, and `bloom-export --flax` at bf16 with
+    40KB shards, each in a flax-only directory."""
     from transformers import BloomForCausalLM, BloomModel
 
     run, running = tp2_pp2_run
@@ -78,7 +79,10 @@ def tp2_pp2_export(tp2_pp2_run, tmp_path_factory):
     bf16 = root / "export-bf16"
     with pytest.MonkeyPatch.context() as monkeypatch:
         _clear_dist_env(monkeypatch)
-        assert export_cli.main([str(run / "checkpoints"), "--out", str(bf16), "--flax"]) == 0
+        assert export_cli.main([str(run / "checkpoints"), "--out", str(bf16), "--flax",
+                                "--max-shard-size", "40KB"]) == 0
+    bf16_files = sorted(set(json.loads((bf16 / FLAX_INDEX).read_text())["weight_map"].values()))
+    assert len(bf16_files) > 2 and not (bf16 / FLAX_WEIGHTS).exists()  # sharded by bloom-export itself
     with torch.no_grad():
         bf16_logits = BloomForCausalLM.from_pretrained(str(bf16), dtype=torch.float32).eval()(tokens).logits
     np.savez(root / "reference.npz", tokens=tokens.numpy(), running=running.numpy(), hidden=hidden.numpy(),
@@ -90,7 +94,7 @@ def tp2_pp2_export(tp2_pp2_run, tmp_path_factory):
     sharded = _flax_only(out, root / "sharded", weights=())
     assert write_flax_weights(sharded, state, max_shard_size=40_000) > 2
     return {"export": out, "flax_only": _flax_only(out, root / "flax-only"), "chunked": chunked,
-            "bf16_flax_only": _flax_only(bf16, root / "bf16-flax-only"),
+            "bf16_flax_only": _flax_only(bf16, root / "bf16-flax-only", weights=(FLAX_INDEX, *bf16_files)),
             "sharded": sharded, "reference": root / "reference.npz", "work": root}
 
 
@@ -152,11 +156,14 @@ serialization.MAX_CHUNK_SIZE = 2 ** 30
 out["chunked_logits_diff"] = diff(FlaxBloomForCausalLM.from_pretrained(chunked)(tokens).logits, running)
 out["sharded_logits_diff"] = diff(FlaxBloomForCausalLM.from_pretrained(sharded)(tokens).logits, running)
 
-# bf16 (bloom-export's default): stored and loaded as bfloat16, what flax writes, the bf16 weights' logits.
-bf16_raw = (bf16_flax_only / "flax_model.msgpack").read_bytes()
+# bf16 (bloom-export's default), sharded by bloom-export: stored and loaded as bfloat16, each shard
+# what flax writes, the bf16 weights' logits.
 bf16_lm = FlaxBloomForCausalLM.from_pretrained(bf16_flax_only)
 out["bf16_dtypes"] = sorted({str(v.dtype) for v in jax.tree_util.tree_leaves(bf16_lm.params)})
-out["bf16_flax_to_bytes_identical"] = serialization.to_bytes(serialization.msgpack_restore(bf16_raw)) == bf16_raw
+shards = [p.read_bytes() for p in sorted(bf16_flax_only.glob("flax_model-*.msgpack"))]
+out["bf16_shards"] = len(shards)
+out["bf16_flax_to_bytes_identical"] = all(serialization.to_bytes(serialization.msgpack_restore(raw)) == raw
+                                          for raw in shards)
 out["bf16_logits_diff"] = diff(bf16_lm(tokens).logits, ref["bf16_logits"])
 
 # transformers 4's PyTorch BloomForCausalLM on the safetensors.
@@ -180,7 +187,7 @@ def test_flax_and_transformers4_logits_equal_the_tp2_pp2_training_model(hf4_pyth
     # Exactly the file format and tree transformers and flax write themselves.
     assert r["loaded_is_the_file"] and r["flax_to_bytes_identical"] and r["hf_conversion_identical"], r
     assert r["chunked_has_chunks"] and r["chunked_identical_to_flax"], r
-    assert r["bf16_dtypes"] == ["bfloat16"] and r["bf16_flax_to_bytes_identical"], r
+    assert r["bf16_dtypes"] == ["bfloat16"] and r["bf16_flax_to_bytes_identical"] and r["bf16_shards"] > 2, r
     assert "transformer/h/1/self_attention/query_key_value/kernel" in r["param_names"]
     assert not any(name.startswith("lm_head") for name in r["param_names"])  # tied
     index = json.loads((e["sharded"] / FLAX_INDEX).read_text())
