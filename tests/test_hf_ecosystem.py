@@ -74,6 +74,7 @@ def tp2_pp2_export(tp2_pp2_run, tmp_path_factory):
     tokens = probe_tokens_for(run)
     with torch.no_grad():
         hidden = BloomModel.from_pretrained(str(out), dtype=torch.float32).eval()(tokens).last_hidden_state
+        hf5_logits = BloomForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()(tokens).logits
     # bf16 (bloom-export's default dtype): the reference is transformers 5 on the bf16 safetensors
     # (the same bf16-rounded weights), computing in fp32 as Flax does with bf16 params.
     bf16 = root / "export-bf16"
@@ -86,7 +87,7 @@ def tp2_pp2_export(tp2_pp2_run, tmp_path_factory):
     with torch.no_grad():
         bf16_logits = BloomForCausalLM.from_pretrained(str(bf16), dtype=torch.float32).eval()(tokens).logits
     np.savez(root / "reference.npz", tokens=tokens.numpy(), running=running.numpy(), hidden=hidden.numpy(),
-             bf16_logits=bf16_logits.numpy())
+             bf16_logits=bf16_logits.numpy(), hf5_logits=hf5_logits.numpy())
 
     state = hf_tensors(out)
     chunked = _flax_only(out, root / "chunked", weights=())
@@ -169,7 +170,9 @@ out["bf16_logits_diff"] = diff(bf16_lm(tokens).logits, ref["bf16_logits"])
 # transformers 4's PyTorch BloomForCausalLM on the safetensors.
 pt = BloomForCausalLM.from_pretrained(export, torch_dtype=torch.float32).eval()
 with torch.no_grad():
-    out["pt4_logits_diff"] = diff(pt(torch.from_numpy(tokens)).logits.numpy(), running)
+    pt4 = pt(torch.from_numpy(tokens)).logits.numpy()
+out["pt4_logits_diff"] = diff(pt4, running)
+out["pt4_vs_transformers5_diff"] = diff(pt4, ref["hf5_logits"])
 print(json.dumps(out))
 '''
 
@@ -182,7 +185,8 @@ def test_flax_and_transformers4_logits_equal_the_tp2_pp2_training_model(hf4_pyth
     print(json.dumps({k: v for k, v in r.items() if k != "param_names"}))
     # The logits of the running TP2 x PP2 model, from the Flax classes and transformers 4 PyTorch.
     for key in ("flax_lm_logits_diff", "flax_base_tied_logits_diff", "flax_base_hidden_diff",
-                "chunked_logits_diff", "sharded_logits_diff", "pt4_logits_diff", "bf16_logits_diff"):
+                "chunked_logits_diff", "sharded_logits_diff", "pt4_logits_diff", "pt4_vs_transformers5_diff",
+                "bf16_logits_diff"):
         assert r[key] < LOGITS_ATOL, (key, r[key])
     # Exactly the file format and tree transformers and flax write themselves.
     assert r["loaded_is_the_file"] and r["flax_to_bytes_identical"] and r["hf_conversion_identical"], r
