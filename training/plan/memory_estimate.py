@@ -6,7 +6,8 @@ the first stage holds the word embedding, the last a tied copy of it and the fin
   weights     = P x 2 bytes (bf16/fp16) or 4 (fp32)                      / DP if ZeRO-3
   gradients   = P x 4 bytes for bf16 (fp32 accumulation, as BLOOM-176B) or fp32, 2 for fp16
                                                                           / DP if ZeRO >= 2
-  optimizer   = P x (8 bytes Adam moments + 4 bytes fp32 master weights when training in 16 bits)
+  optimizer   = P x (8 bytes Adam moments + 4 bytes fp32 master weights when training in 16 bits,
+                       or at any ZeRO stage >= 1: DeepSpeed's ZeRO optimizer clones its fp32 partition)
                                                                           / DP if ZeRO >= 1
   activations = in_flight x layers x per_layer  (+ one layer's recomputed set while recomputing)
                 (+ on the last stage, the logits s x b x V/TP at the activation width, whose
@@ -125,7 +126,10 @@ def estimate(cfg: ModelConfig, layout: Layout, precision: str, zero_stage: int, 
              micro: int, micro_batches: int, sequence_parallel: bool = False) -> List[StageMemory]:
     counts = stage_layer_counts(cfg.num_layers, layout.pp)
     kept, recomputing = _activation_bytes(cfg, layout.tp, seq, micro, precision, sequence_parallel)
-    optimizer_bytes = 8 + (4 if precision != "fp32" else 0)
+    # DeepSpeed's ZeRO optimizers (stages 1-3) always keep their own fp32 copy of the partition they
+    # update, in fp32 training too (stage_1_and_2.py clones it; tests/test_memory_measured.py);
+    # ZeRO-0 in fp32 updates the weights in place.
+    optimizer_bytes = 8 + (4 if precision != "fp32" or zero_stage >= 1 else 0)
     stages = []
     for stage, layers in enumerate(counts):
         first, last = stage == 0, stage == layout.pp - 1
