@@ -123,6 +123,7 @@ class Checkpointer:
         self.params = self._local_parameters()
         self._pending: Optional[PendingSave] = None
         self._images: dict = {}  # kind -> the FileImage of the last background save (reused)
+        self._pruner: Optional[threading.Thread] = None  # deleting old checkpoints (see _prune)
         self._ranges: dict = {}  # per load, at ZeRO: name -> this rank's partition (see _needed)
 
     # -- which parameters this rank holds, under canonical names ------------------------------
@@ -210,7 +211,7 @@ class Checkpointer:
         final = files.iteration_dir(self.root, loop_state.iteration)
         staging = files.staging_dir(final)
         if dist.get_rank() == 0:
-            for stale in self.root.glob(".iter_*.partial"):
+            for stale in [*self.root.glob(".iter_*.partial"), *self.root.glob(".iter_*.deleting")]:
                 shutil.rmtree(stale, ignore_errors=True)
             staging.mkdir(parents=True)
         dist.barrier()
@@ -233,10 +234,12 @@ class Checkpointer:
             return None
         done = torch.tensor([float(not self._pending.thread.is_alive())])
         dist.all_reduce(done, op=dist.ReduceOp.MIN)
-        return self.wait() if done.item() == 1.0 else None
+        return self.wait(prune_in_background=True) if done.item() == 1.0 else None
 
-    def wait(self) -> Optional[Path]:
-        """Finish the save in flight, if any (every rank together); returns its directory."""
+    def wait(self, prune_in_background: bool = False) -> Optional[Path]:
+        """Finish the save in flight, if any (every rank together); returns its directory. From
+        poll() (training goes on) the old checkpoints are deleted by a thread."""
+        self._join_pruner()
         pending, self._pending = self._pending, None
         if pending is None:
             return None
@@ -248,12 +251,16 @@ class Checkpointer:
         if failed:
             raise files.CheckpointError(f"saving {pending.final} failed: {failed[0]}")
         if dist.get_rank() == 0:
-            self._write_rank0_files(pending.staging, pending.snapshot)
             files.finalize(pending.staging, pending.final, self._manifest(pending.snapshot.loop),
                            hashed={k: v for part in everyone for k, v in part.items()})
-            self._prune()
+            self._prune(prune_in_background)
         dist.barrier()
         return pending.final
+
+    def _join_pruner(self) -> None:
+        if self._pruner is not None:
+            self._pruner.join()
+            self._pruner = None
 
     def _snapshot(self, loop_state, copy: bool) -> "Snapshot":
         """Everything this rank saves, taken at the step boundary: copied into the images of its
@@ -300,6 +307,8 @@ class Checkpointer:
         with open(staging / rel, "rb") as f:
             os.fsync(f.fileno())
         hashed[rel] = files.digest_file(staging / rel)
+        if rank == 0:  # the small files depend on no other rank: written here, off the training thread
+            hashed.update(self._write_rank0_files(staging, snapshot))
         self._maybe_die_for_test(snapshot.loop.iteration)
         return hashed
 
@@ -355,7 +364,9 @@ class Checkpointer:
     def _has_moments(self) -> bool:
         return self._adam_step() > 0
 
-    def _write_rank0_files(self, staging: Path, snapshot: "Snapshot") -> None:
+    def _write_rank0_files(self, staging: Path, snapshot: "Snapshot") -> dict:
+        """The small files (Adam's step and loss scale, the loop position, the config, the
+        tokenizer), durable; returns their manifest entries."""
         files.write_json(staging / "optim" / "meta.json", snapshot.optim_meta)
         loop = snapshot.loop
         files.write_json(staging / "trainer_state.json", {
@@ -366,6 +377,12 @@ class Checkpointer:
         (staging / "config.yaml").write_text(to_yaml(self.cfg))
         if self.tokenizer_dir and Path(self.tokenizer_dir).is_dir():
             shutil.copytree(self.tokenizer_dir, staging / "tokenizer")
+        small = [staging / "optim" / "meta.json", staging / "trainer_state.json", staging / "config.yaml",
+                 *sorted(p for p in (staging / "tokenizer").rglob("*") if p.is_file())]
+        for path in small:
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        return {str(p.relative_to(staging)): files.digest_file(p) for p in small}
 
     def _manifest(self, loop_state) -> dict:
         layout = self.layout
@@ -373,11 +390,23 @@ class Checkpointer:
                 "saved_layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
                 "precision": self.cfg.trainer.precision}
 
-    def _prune(self) -> None:
+    def _prune(self, in_background: bool) -> None:
+        """Drop the checkpoints beyond the newest keep_checkpoints: each is first renamed to a
+        hidden name (one atomic step: it is no longer a checkpoint), then deleted, by a thread
+        when `in_background` (joined by the next wait(), save() or restore()), so the training
+        thread does not wait for the unlinking."""
         keep = self.cfg.trainer.keep_checkpoints
-        complete = files.complete_checkpoints(self.root)
-        for old in complete[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        doomed = []
+        for old in files.complete_checkpoints(self.root)[:-keep] if keep > 0 else []:
+            hidden = old.parent / f".{old.name}.deleting"
+            os.replace(old, hidden)
+            doomed.append(hidden)
+        delete = lambda: [shutil.rmtree(d, ignore_errors=True) for d in doomed]  # noqa: E731
+        if doomed and in_background:
+            self._pruner = threading.Thread(target=delete, name="checkpoint-pruner", daemon=True)
+            self._pruner.start()
+        elif doomed:
+            delete()
 
     def _maybe_die_for_test(self, iteration: int) -> None:
         if os.environ.get(KILL_DURING_SAVE_ENV) == str(iteration) and dist.get_rank() == 0:
