@@ -130,3 +130,19 @@ def test_files_of_the_earlier_writer_still_read_verified_whole(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="checksum"):
         FragmentReader(tmp_path, manifest, "model")
+
+
+def test_fragments_that_do_not_tile_the_shard_are_refused(tmp_path):
+    """Every element saved exactly once: a fragment missing, or one saved twice, is one
+    CheckpointError naming the element, never a silently uninitialised or doubled range."""
+    full = torch.randn(12)
+    manifest = _save(tmp_path, full, 0, 1, 2, random.Random(3))
+    files = sorted(manifest["files"])
+    for broken in ({k: v for k, v in manifest["files"].items() if k != files[1]},  # a gap
+                   {**manifest["files"], "model/rank00099.safetensors": manifest["files"][files[0]]}):  # twice
+        if len(broken) > len(manifest["files"]):
+            (tmp_path / "model" / "rank00099.safetensors").write_bytes((tmp_path / files[0]).read_bytes())
+        reader = FragmentReader(tmp_path, {"files": broken}, "model")
+        with pytest.raises(CheckpointError, match="missing or saved twice"):
+            reader.full("x")
+        reader.close()

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.utils import (safe_get_local_fp32_param, safe_get_local_optimizer_state,
-                             safe_set_full_fp32_param, safe_set_full_optimizer_state,
                              safe_set_local_fp32_param, safe_set_local_optimizer_state)
 from megatron.core import parallel_state
 
@@ -169,20 +168,10 @@ class Checkpointer:
             zero._lazy_init_hp_params_optimizer_state()
 
     def _set(self, param, key: Optional[str], value: torch.Tensor) -> None:
-        value = value.to(param.device)
-        if self._zero():
-            if key is None:
-                safe_set_full_fp32_param(param, value)
-                if not self._zero3():  # stage 3's partitions are refreshed all at once, after
-                    with torch.no_grad():
-                        param.copy_(value.to(param.dtype))
-            else:
-                safe_set_full_optimizer_state(param, value, key)
-        elif key is None:
-            with torch.no_grad():
-                param.copy_(value)
-        else:
-            self.engine.optimizer.state[param][key].copy_(value)
+        """Without ZeRO: the parameter and its Adam state are the optimizer's own tensors."""
+        with torch.no_grad():
+            target = param if key is None else self.engine.optimizer.state[param][key]
+            target.copy_(value.to(param.device))
 
     def _adam_step(self) -> float:
         for state in self.engine.optimizer.state.values():

@@ -76,11 +76,7 @@ _BLOCK = 1 << 24
 
 def digest_file(path: Path) -> dict:
     """The manifest entry of a file on disk: {"bytes", "xxh3_128"}."""
-    digest = xxhash.xxh3_128()
-    with open(path, "rb", buffering=0) as f:
-        for block in iter(lambda: f.read(_BLOCK), b""):
-            digest.update(block)
-    return {"bytes": Path(path).stat().st_size, DIGEST: digest.hexdigest()}
+    return {"bytes": Path(path).stat().st_size, DIGEST: _hash_file(path, xxhash.xxh3_128())}
 
 
 def matches(path: Path, expected: dict) -> bool:
@@ -89,12 +85,15 @@ def matches(path: Path, expected: dict) -> bool:
     if path.stat().st_size != expected["bytes"]:
         return False
     if DIGEST in expected:
-        return digest_file(path)[DIGEST] == expected[DIGEST]
-    digest = hashlib.sha256()
+        return _hash_file(path, xxhash.xxh3_128()) == expected[DIGEST]
+    return _hash_file(path, hashlib.sha256()) == expected.get("sha256")
+
+
+def _hash_file(path: Path, digest) -> str:
     with open(path, "rb", buffering=0) as f:
         for block in iter(lambda: f.read(_BLOCK), b""):
             digest.update(block)
-    return digest.hexdigest() == expected.get("sha256")
+    return digest.hexdigest()
 
 
 def read_header(path: Path, expected: dict) -> tuple:

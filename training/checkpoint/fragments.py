@@ -21,7 +21,7 @@ that gathers each parameter whole in one process. Both would force the gather th
 import json
 import os
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -161,11 +161,6 @@ class FragmentReader:
                 raise CheckpointError(f"{self.directory / rel}: {fragment.key} differs from its checksum (corrupt)")
             self.verified.add((rel, fragment.key, chunk))
 
-    def same_split(self, name: str, tp_size: int) -> bool:
-        """Whether the checkpoint holds `name` split as a run at `tp_size` splits it."""
-        first = self._fragments(name, MASTER)[0][1]
-        return first.tp_dim is None or first.tp_size == tp_size
-
     def _overlapping(self, name: str, state: str, tp_rank: int, start: int, numel: int) -> list:
         first = self._fragments(name, state)[0][1]
         rank = 0 if first.tp_dim is None else tp_rank
@@ -175,17 +170,21 @@ class FragmentReader:
     def flat_range(self, name: str, state: str, tp_rank: int, start: int, numel: int) -> torch.Tensor:
         """Elements start..start+numel of the flattened saved TP shard `tp_rank`, read from the
         fragments that overlap them only, sliced in the file."""
-        out = torch.empty(numel, dtype=torch.float32)
-        covered = 0
-        for rel, f in self._overlapping(name, state, tp_rank, start, numel):
+        out, at = torch.empty(numel, dtype=torch.float32), start
+        for rel, f in sorted(self._overlapping(name, state, tp_rank, start, numel), key=lambda x: x[1].offset):
             lo, hi = max(start, f.offset), min(start + numel, f.offset + f.numel)
+            if lo != at:  # the fragments must tile the range: each element saved once
+                self._not_tiled(name, state, tp_rank, at)
             self._verify(rel, f, lo - f.offset, hi - f.offset)
             out[lo - start: hi - start] = self._read(rel, f, lo - f.offset, hi - f.offset)
-            covered += hi - lo
-        if covered != numel:
-            raise CheckpointError(f"{self.directory}: {name}/{state} elements {start}..{start + numel} of "
-                                  f"shard {tp_rank}: {covered} saved")
+            at = hi
+        if at != start + numel:
+            self._not_tiled(name, state, tp_rank, at)
         return out
+
+    def _not_tiled(self, name: str, state: str, tp_rank: int, at: int):
+        raise CheckpointError(f"{self.directory}: {name}/{state} shard {tp_rank}: element {at} missing or "
+                              "saved twice")
 
     def verify_range(self, name: str, state: str, tp_rank: int, tp_size: int, start: int, numel: int) -> None:
         """Check the chunks read_range() would read for these arguments against their digests."""
@@ -217,11 +216,7 @@ class FragmentReader:
         return self.read_range(name, state, tp_rank, tp_size, 0, int(torch.Size(shape).numel())).view(shape)
 
     def _shard_shape(self, name: str, state: str, tp_size: int) -> tuple:
-        first = self._fragments(name, state)[0][1]
-        shape = list(first.shape)
-        if first.tp_dim is not None:
-            shape[first.tp_dim] //= tp_size
-        return tuple(shape)
+        return replace(self._fragments(name, state)[0][1], tp_size=tp_size).shard_shape()
 
     def _plan(self, name: str, state: str, tp_rank: int, tp_size: int, start: int, numel: int) -> list:
         """How to read a range of a TP shard at this run's split from the saved split: a list of
@@ -252,38 +247,14 @@ class FragmentReader:
         return plan
 
     def full(self, name: str, state: str = MASTER) -> torch.Tensor:
-        fragments = self._fragments(name, state)
-        _, first = fragments[0]
-        if first.tp_dim is None:
-            return self._assemble(name, state, fragments, 0, 1)
-        shards = [self._assemble(name, state, [x for x in fragments if x[1].tp_rank == r], r, first.tp_size)
-                  for r in range(first.tp_size)]
-        return torch.cat(shards, dim=first.tp_dim)
+        """The whole tensor (all TP shards put together)."""
+        return self.tp_shard(name, state, 0, 1)
 
     def _fragments(self, name: str, state: str) -> list:
         fragments = self.index.get(f"{name}/{state}")
         if not fragments:
             raise CheckpointError(f"{self.directory}: no {state} of {name}")
         return fragments
-
-    def _assemble(self, name: str, state: str, fragments: list, tp_rank: int, tp_size: int) -> torch.Tensor:
-        """One TP shard from its fragments, checking that they cover it exactly once."""
-        if not fragments:
-            raise CheckpointError(f"{self.directory}: no fragment of TP shard {tp_rank}/{tp_size} of {name}/{state}")
-        shape = fragments[0][1].shard_shape()
-        flat = torch.empty(int(torch.Size(shape).numel()), dtype=torch.float32)
-        covered = 0
-        for rel, fragment in sorted(fragments, key=lambda x: x[1].offset):
-            if fragment.offset != covered:
-                raise CheckpointError(f"{self.directory}: {name}/{state} shard {tp_rank}: elements "
-                                      f"{covered}..{fragment.offset} missing or written twice")
-            self._verify(rel, fragment)
-            flat[fragment.offset: fragment.offset + fragment.numel] = self._read(rel, fragment, 0, fragment.numel)
-            covered += fragment.numel
-        if covered != flat.numel():
-            raise CheckpointError(f"{self.directory}: {name}/{state} shard {tp_rank}: {covered} of "
-                                  f"{flat.numel()} elements saved")
-        return flat.view(shape)
 
 
 def _format_1_table(rel: str, header: dict, manifest: dict) -> dict:
