@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -199,15 +200,22 @@ def job_state(job_id: str) -> str:
     return f"{fields.get('JobState', 'UNKNOWN')} exit {fields.get('ExitCode', '?')}"
 
 
-def wait_for(job_id: str) -> str:
-    deadline = time.monotonic() + JOB_TIMEOUT_S
+def end_state(job_id: str, deadline: float) -> Optional[str]:
+    """The job's final state, or None when it had not finished by `deadline` (it is cancelled)."""
     while time.monotonic() < deadline:
         state = job_state(job_id)
         if state.split()[0] in FINISHED:
             return state
         time.sleep(1)
     _run("scancel", job_id)
-    pytest.fail(f"job {job_id} not finished after {JOB_TIMEOUT_S} s: {job_state(job_id)}")
+    return None
+
+
+def wait_for(job_id: str) -> str:
+    state = end_state(job_id, time.monotonic() + JOB_TIMEOUT_S)
+    if state is None:
+        pytest.fail(f"job {job_id} not finished after {JOB_TIMEOUT_S} s: {job_state(job_id)}")
+    return state
 
 
 def test_bloom_slurm_submit_runs_a_two_process_dry_run(slurm_cluster, tmp_path):

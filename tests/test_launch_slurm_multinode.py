@@ -22,7 +22,7 @@ import pytest
 from launch.local import free_port
 from parallelism.topology import Layout, placement_lines
 from tests.bloom_train import TINY_RUN, bloom_train, data_cache  # noqa: F401
-from tests.test_launch_slurm import (FINISHED, REPO, START, TEST_CLUSTER, _cluster_name, _run, job_env,
+from tests.test_launch_slurm import (end_state, REPO, START, TEST_CLUSTER, _cluster_name, _run, job_env,
                                      job_state, no_cluster)
 
 NODES = ("bloomnode1", "bloomnode2")  # the names start_cluster.sh --nodes 2 gives them
@@ -64,16 +64,6 @@ def _submit(run_dir, data_cache, nproc: int, parallel: list) -> str:
     return submitted.stdout.strip()
 
 
-def _wait(job_id: str, deadline: float) -> str:
-    while time.monotonic() < deadline:
-        state = job_state(job_id)
-        if state.split()[0] in FINISHED:
-            return state
-        time.sleep(1)
-    _run("scancel", job_id)
-    return f"not finished after {JOB_TIMEOUT_S} s: {job_state(job_id)}"
-
-
 def _metrics(run_dir) -> list:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if "lm_loss" in line]
@@ -95,7 +85,7 @@ def jobs(two_node_cluster, data_cache, tmp_path_factory):
     deadline = time.monotonic() + JOB_TIMEOUT_S
     out = {}
     for name, job_id in ids.items():
-        state = _wait(job_id, deadline)
+        state = end_state(job_id, deadline) or f"not finished after {JOB_TIMEOUT_S} s: {job_state(job_id)}"
         logs = root / name / "logs"
         text = {ext: (logs / f"bloom-tiny-{job_id}.{ext}") for ext in ("out", "err")}
         text = {ext: path.read_text() if path.is_file() else "" for ext, path in text.items()}
