@@ -1,7 +1,10 @@
-"""bloom-eval: loss and perplexity of a checkpoint or an HF BLOOM directory on JSONL text.
+"""bloom-eval: loss and perplexity of a checkpoint or an HF BLOOM directory on JSONL text, and
+lm-evaluation-harness tasks on it.
 
-    bloom-eval CHECKPOINT_OR_HF_DIR --data PATH.jsonl [PATH ...] [--seq-length N] [--batch-size B]
-               [--tokenizer DIR] [parallel.tp=2 parallel.pp=2 launcher.nproc_per_node=4 model.kernels=eager]
+    bloom-eval CHECKPOINT_OR_HF_DIR [--data PATH.jsonl [PATH ...]] [--seq-length N] [--batch-size B]
+               [--tasks T1,T2 [--include-path DIR] [--limit N] [--num-fewshot K] [--log-samples]]
+               [--out FILE] [--tokenizer DIR]
+               [parallel.tp=2 parallel.pp=2 launcher.nproc_per_node=4 model.kernels=eager]
 
 Prints one JSON object on stdout: "overall" and "languages" (per `lang` field), each with loss
 (mean token cross entropy over every predicted token), perplexity (exp of it), tokens, sequences,
@@ -10,6 +13,14 @@ with launcher.nproc_per_node > 1 and no launcher around it, the command re-runs 
 torchrun. An HF directory is first imported to a temporary checkpoint (bloom-import). Only
 parallel.*, launcher.* and model.kernels overrides apply; the model's shape comes from the
 checkpoint. Arguments of the form key=value are overrides (a data path may not contain "=").
+
+--tasks runs lm_eval tasks (pip install '.[eval]') through training/evaluation/harness.py at the
+same layout, without exporting: log-likelihood and multiple-choice tasks and rolling perplexities
+(generation tasks are refused), requests up to --seq-length tokens (the checkpoint's
+data.seq_length; longer ones left-truncated, as lm_eval's HF model does). The JSON then has
+"harness": {"scores": {task: {metric: value}}, ...} (with --log-samples, every request's answer),
+and is also written to --out FILE, or, for a checkpoint at RUN_DIR/checkpoints/iter_N, to
+RUN_DIR/harness/iter_N-eval.json, where bloom-export finds it for the model card's model-index.
 """
 import argparse
 import contextlib
@@ -45,10 +56,16 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint dir, checkpoints dir with `latest`, or HF dir")
-    parser.add_argument("--data", nargs="+", required=True, help="JSONL files or folders (text, lang)")
+    parser.add_argument("--data", nargs="+", help="JSONL files or folders (text, lang)")
     parser.add_argument("--seq-length", type=int, help="default: the checkpoint config's data.seq_length, else 2048")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--tokenizer", help="default: the checkpoint's tokenizer/")
+    parser.add_argument("--tasks", help="comma-separated lm_eval task names")
+    parser.add_argument("--include-path", help="a folder of lm_eval task YAMLs")
+    parser.add_argument("--limit", type=float, help="documents per task (a fraction when < 1)")
+    parser.add_argument("--num-fewshot", type=int)
+    parser.add_argument("--log-samples", action="store_true", help="every request's answer in the JSON")
+    parser.add_argument("--out", help="also write the JSON here")
     # Set by the torchrun relaunch: where rank 0 writes its result, and the path the user gave.
     parser.add_argument(RESULT_FLAG, help=argparse.SUPPRESS)
     parser.add_argument(SOURCE_FLAG, help=argparse.SUPPRESS)
@@ -59,6 +76,9 @@ def parse_args(argv):
                              "evaluation (the model's shape comes from the checkpoint)")
     if args.batch_size < 1 or (args.seq_length is not None and args.seq_length < 1):
         raise UsageError("--batch-size and --seq-length must be positive")
+    args.tasks = [t for t in (args.tasks or "").split(",") if t]
+    if not args.data and not args.tasks:
+        raise UsageError("nothing to evaluate: give --data (loss) and/or --tasks (harness)")
     return args, overrides
 
 
@@ -115,24 +135,57 @@ def evaluate_rank(args, cfg) -> dict:
         init_model_parallel(layout)
         tokenizer = TokenizerInfo(args.tokenizer or _checkpoint_tokenizer(directory))
         seq_length = args.seq_length or ((saved_config(directory) or {}).get("data") or {}).get("seq_length") or 2048
-        sets = build_eval_sets(read_documents(args.data), tokenizer.encode_batch, tokenizer.eod,
-                               shape["padded_vocab_size"])
         device = _device()
         model = build_stage(model_cfg, directory, shape, device)
-        results = evaluate_sets(model, sets, seq_length, args.batch_size, shape["hidden_size"], device)
         source = args.source or args.checkpoint
-        return {
+        report = {
             "model": str(source), "imported_from_hf": bool(manifest.get("imported_from")) and is_hf_dir(Path(source)),
             "iteration": manifest.get("iteration"),
             "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
             "seq_length": seq_length, "batch_size": args.batch_size, "tokenizer_vocab": tokenizer.vocab_size,
-            "overall": results[OVERALL],
-            "languages": {name: r for name, r in results.items() if name != OVERALL},
             "rank": dist.get_rank(),
         }
+        if args.data:
+            sets = build_eval_sets(read_documents(args.data), tokenizer.encode_batch, tokenizer.eod,
+                                   shape["padded_vocab_size"])
+            results = evaluate_sets(model, sets, seq_length, args.batch_size, shape["hidden_size"], device)
+            report.update(overall=results[OVERALL],
+                          languages={name: r for name, r in results.items() if name != OVERALL})
+        if args.tasks:
+            report["harness"] = harness_report(args, model, tokenizer, seq_length, device)
+        return report
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         shutdown()
+
+
+def harness_report(args, model, tokenizer, seq_length: int, device) -> dict:
+    """lm_eval's tasks on this job's model (training/evaluation/harness.py)."""
+    from training.evaluation.harness import BloomHarnessLM, StageForward
+    from training.evaluation.harness_tasks import run_tasks, task_manager
+
+    lm = BloomHarnessLM(StageForward.of_stage_model(model, device), tokenizer, seq_length, args.batch_size)
+    return run_tasks(lm, args.tasks, task_manager(args.include_path), args.limit, args.num_fewshot,
+                     args.log_samples)
+
+
+def publish(report: dict, args) -> None:
+    """Print the JSON object; write it to --out, and the harness part beside a run's checkpoints."""
+    from training.checkpoint.saved_model import resolve_checkpoint
+    from training.evaluation.harness_tasks import report_path, run_dir_of, write_report
+
+    text = json.dumps(report, sort_keys=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    if "harness" in report and not report["imported_from_hf"]:
+        run_dir = run_dir_of(resolve_checkpoint(args.source or args.checkpoint))
+        if run_dir is not None and report["iteration"] is not None:
+            harness = {**report["harness"], "iteration": report["iteration"], "layout": report["layout"],
+                       "source": "bloom-eval"}
+            path = report_path(run_dir, report["iteration"])
+            write_report(path.with_name(path.stem + "-eval.json"), harness)
+    print(text, flush=True)
 
 
 def verify_model_files(directory: Path, manifest: dict) -> None:
@@ -169,11 +222,10 @@ def run_here(args, cfg) -> int:
         report = evaluate_rank(args, cfg)
     if report.pop("rank") != 0:
         return 0
-    text = json.dumps(report, sort_keys=True)
-    if args.result_file:
-        Path(args.result_file).write_text(text + "\n")
+    if args.result_file:  # a rank under bloom-eval's own relaunch: the parent publishes
+        Path(args.result_file).write_text(json.dumps(report, sort_keys=True) + "\n")
     else:
-        print(text, flush=True)
+        publish(report, args)
     return 0
 
 
@@ -201,13 +253,14 @@ def relaunch(args, cfg, argv, nproc: int) -> int:
     try:
         checkpoint = as_checkpoint(args.checkpoint, args.tokenizer, workdir)  # import once, not per rank
         check_request(checkpoint, cfg, nproc)  # refuse a bad layout before starting processes
-        read_documents(args.data)  # and a bad corpus line, in one line rather than once per rank
+        if args.data:
+            read_documents(args.data)  # and a bad corpus line, in one line rather than once per rank
         child = [str(checkpoint)] + [a for a in argv if a != args.checkpoint]
         child += [RESULT_FLAG, str(workdir / "result.json"), SOURCE_FLAG, args.checkpoint]
         status = run_forwarding_signals(torchrun_command(nproc, child, entry="launch.eval_cli", log_dir=logs))
         if status != 0:
             return fail(f"evaluation failed (exit {status}); every rank's output is under {logs}", status=status)
-        print((workdir / "result.json").read_text().strip(), flush=True)
+        publish(json.loads((workdir / "result.json").read_text()), args)
         shutil.rmtree(logs, ignore_errors=True)
         return 0
     finally:
@@ -225,12 +278,15 @@ def main(argv=None) -> int:
     from training.config.checks import procs_per_node
     from training.config.loader import ConfigError, load_config
     from training.evaluation.evaluate import EvalLayoutError
+    from training.evaluation.harness_tasks import HarnessConfigError, check_tasks
     from training.hf.importer import HFFormatError
     from training.model.kernels import KernelUnavailable
 
     try:
         args, overrides = parse_args(argv)
         cfg = load_config(overrides)
+        if args.tasks and distributed_env() is None:  # a misspelt task: one line, before any process starts
+            check_tasks(args.tasks, args.include_path, args.limit)
         nproc = cfg.launcher.nodes * procs_per_node(cfg)
         env = distributed_env()  # torchrun's variables, or srun's translated as bloom-train does
         if env is not None:
@@ -243,7 +299,7 @@ def main(argv=None) -> int:
                              "srun or torchrun on every node")
         return relaunch(args, cfg, argv, nproc)
     except (UsageError, ConfigError, CheckpointError, HFFormatError, DataError, EvalLayoutError,
-            KernelUnavailable) as error:
+            KernelUnavailable, HarnessConfigError) as error:
         return fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
 
 
