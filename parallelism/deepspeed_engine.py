@@ -128,7 +128,8 @@ class BloomEngine:
         self.tp = tensor_parallel_from_state(seed, device, sequence_parallel=cfg.parallel.sequence_parallel)
         if not self.pipelined:
             return build_model(cfg.model, seed=seed, device=device, tp=self.tp)
-        kernels = select_kernels(cfg.model.kernels, device, cfg.model.attention_dropout)
+        kernels = select_kernels(cfg.model.kernels, device, cfg.model.attention_dropout,
+                                 cfg.model.hidden_size // cfg.model.num_heads)
         return BloomPipeline(cfg.model, self.tp, kernels, seed, build_topology()).to(device)
 
     def tp_rng_state(self) -> torch.Tensor:

@@ -49,10 +49,10 @@ def _run_attention(attention, inputs, slopes, dtype, device, backward=True):
     return out.float().cpu(), [x.grad.float().cpu() for x in cast]
 
 
-def _check_attention(backend, dtype, device):
+def _check_attention(backend, dtype, device, head_dim=16):
     # FlexAttention has no backward on CPU (torch 2.13): its CPU check is forward only.
     backward = not (backend == "flex" and device.type == "cpu")
-    inputs, slopes = _attention_inputs()
+    inputs, slopes = _attention_inputs(head_dim=head_dim)
     eager = select_kernels("eager", CPU).attention
     ref_out, ref_grads = _run_attention(eager, inputs, slopes, torch.float32, CPU, backward)
     out, grads = _run_attention(select_kernels(backend, device).attention, inputs, slopes, dtype,
@@ -75,6 +75,25 @@ def test_attention_matches_eager(backend, dtype):
 def test_attention_matches_eager_on_gpu(cuda_without_tf32, backend, dtype):
     _skip_unless_present(backend, cuda_without_tf32)
     _check_attention(backend, dtype, cuda_without_tf32)
+
+
+# BLOOM's head dimensions: 1b1 has 96, 3b 80 (neither a power of two), the others 64 or 128.
+@requires_cuda
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128])
+def test_flex_attention_at_bloom_head_dims_on_gpu(cuda_without_tf32, head_dim):
+    _check_attention("flex", torch.bfloat16, cuda_without_tf32, head_dim)
+
+
+def test_flex_refuses_small_heads_on_cuda_and_auto_falls_back():
+    """Inductor's FlexAttention refuses a head dimension under 16 on CUDA at compile time (a
+    LoweringException deep in the first step); the choice is made, and named, up front."""
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    with pytest.raises(KernelUnavailable, match="head dimension of at least 16.*has 8"):
+        select_kernels("flex", cuda, 0.0, head_dim=8)
+    if "apex" not in available_backends(cuda):
+        assert select_kernels("auto", cuda, 0.0, head_dim=8).name == "torch"
+        assert select_kernels("auto", cuda, 0.0, head_dim=64).name == "flex"
+    assert select_kernels("flex", CPU, 0.0, head_dim=8).name == "flex"  # the CPU kernel has no such limit
 
 
 def _check_bias_gelu(backend, dtype, device):
@@ -107,7 +126,8 @@ def test_bias_gelu_matches_eager_on_gpu(cuda_without_tf32, backend, dtype):
     _check_bias_gelu(backend, dtype, cuda_without_tf32)
 
 
-TINY_MODEL = dict(hidden_size=48, num_layers=2, num_heads=6, vocab_size=256, init_std=0.05,
+# Head dimension 16: the smallest FlexAttention's CUDA kernel takes.
+TINY_MODEL = dict(hidden_size=96, num_layers=2, num_heads=6, vocab_size=256, init_std=0.05,
                   hidden_dropout=0.0, attention_dropout=0.0)
 
 

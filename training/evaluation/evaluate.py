@@ -73,7 +73,7 @@ class StageModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, stage: Stage, device: torch.device):
         super().__init__()
-        kernels = select_kernels(cfg.kernels, device, 0.0)
+        kernels = select_kernels(cfg.kernels, device, 0.0, cfg.hidden_size // cfg.num_heads)
         # Every weight is loaded right after: skip megatron's random initialisation.
         tp = tensor_parallel_from_state(0, device, initialize=False)
         self.stage = stage

@@ -328,7 +328,7 @@ def build_model(cfg: ModelConfig, *, seed: int, device="cpu", params_dtype=torch
     meta=True builds it on the meta device: shapes and parameter counts with no memory (the plan).
     """
     device = torch.device(device)
-    kernels = select_kernels(cfg.kernels, device, cfg.attention_dropout)
+    kernels = select_kernels(cfg.kernels, device, cfg.attention_dropout, cfg.hidden_size // cfg.num_heads)
     tp = tp or tensor_parallel_from_state(seed, device, params_dtype, initialize=not meta)
     if meta:
         with torch.device("meta"):

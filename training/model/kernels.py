@@ -6,17 +6,19 @@
 - flex: FlexAttention with ALiBi as a score_mod and a causal block mask (the bias is never
   materialised), plus the compiled bias + GeLU. FlexAttention has no dropout, so it is only valid
   with model.attention_dropout == 0 or at evaluation; on CPU it has no backward (torch 2.13), so
-  there it serves evaluation only.
+  there it serves evaluation only. On CUDA its Triton kernel needs a head dimension of at least 16
+  (inductor refuses smaller ones at compile time: seen on an H200, torch 2.11); every BLOOM size
+  has 64-128.
 - apex: the torch backend with apex's FusedLayerNorm; only where apex is importable.
-- auto: the fastest one present: on CUDA flex (torch when attention dropout is on) with apex's
-  layer norm where installed; on CPU torch.
+- auto: the fastest one present: on CUDA flex (torch when attention dropout is on or the head
+  dimension is under 16) with apex's layer norm where installed; on CPU torch.
 
 Every backend computes the same function; tests/test_kernels.py holds each against eager.
 """
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,7 @@ from torch import nn
 from training.model.alibi import relative_alibi_bias
 
 BACKENDS = ("eager", "torch", "flex", "apex", "auto")
+FLEX_MIN_HEAD_DIM_CUDA = 16  # inductor's FlexAttention lowering: "embedding dimension ... at least 16"
 
 
 class KernelUnavailable(ValueError):
@@ -163,12 +166,14 @@ def available_backends(device: torch.device) -> list:
     return found
 
 
-def select_kernels(name: str, device: torch.device, attention_dropout: float = 0.0) -> Kernels:
-    """The kernels a model uses; `auto` resolves to the fastest backend present on `device`."""
+def select_kernels(name: str, device: torch.device, attention_dropout: float = 0.0,
+                   head_dim: Optional[int] = None) -> Kernels:
+    """The kernels a model uses; `auto` resolves to the fastest backend present on `device`.
+    `head_dim` (hidden size / heads) decides whether FlexAttention can run on CUDA."""
     if name not in BACKENDS:
         raise KernelUnavailable(f"model.kernels={name} is not one of {', '.join(BACKENDS)}")
     if name == "auto":
-        name = _auto_backend(device, attention_dropout)
+        name = _auto_backend(device, attention_dropout, head_dim)
     if name == "eager":
         return Kernels("eager", attention_eager, bias_gelu_eager, nn.LayerNorm)
     if name == "torch":
@@ -178,17 +183,25 @@ def select_kernels(name: str, device: torch.device, attention_dropout: float = 0
             raise KernelUnavailable(
                 "model.kernels=flex has no attention dropout: set model.attention_dropout=0 or use kernels=torch"
             )
+        if not _flex_runs(device, head_dim):
+            raise KernelUnavailable(
+                f"model.kernels=flex needs a head dimension of at least {FLEX_MIN_HEAD_DIM_CUDA} on CUDA "
+                f"(FlexAttention's Triton kernel); this model has {head_dim}: use kernels=torch")
         return Kernels("flex", attention_flex, bias_gelu_compiled, nn.LayerNorm)
     apex_ln = apex_layer_norm_class()
     if apex_ln is None or device.type != "cuda":
         raise KernelUnavailable("model.kernels=apex needs NVIDIA apex (with its CUDA extensions) and a GPU")
-    attention = attention_sdpa if attention_dropout > 0 else attention_flex
-    return Kernels("apex", attention, bias_gelu_compiled, apex_ln)
+    flex = attention_dropout == 0 and _flex_runs(device, head_dim)
+    return Kernels("apex", attention_flex if flex else attention_sdpa, bias_gelu_compiled, apex_ln)
 
 
-def _auto_backend(device: torch.device, attention_dropout: float) -> str:
+def _flex_runs(device: torch.device, head_dim: Optional[int]) -> bool:
+    return device.type != "cuda" or head_dim is None or head_dim >= FLEX_MIN_HEAD_DIM_CUDA
+
+
+def _auto_backend(device: torch.device, attention_dropout: float, head_dim: Optional[int]) -> str:
     if device.type != "cuda":
         return "torch"
     if apex_layer_norm_class() is not None:
         return "apex"
-    return "torch" if attention_dropout > 0 else "flex"
+    return "flex" if attention_dropout == 0 and _flex_runs(device, head_dim) else "torch"
