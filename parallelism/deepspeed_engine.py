@@ -103,6 +103,7 @@ class StepResult:
     skipped: bool  # the weights did not change: a non-finite gradient, or an fp16 overflow
     overflow: bool  # fp16 only: the loss scaler found inf/NaN and lowers its scale (expected now and then)
     loss_scale: float
+    spike: bool = False  # skipped because step_gate called it a loss spike (training/spikes.py)
 
 
 class BloomEngine:
@@ -123,6 +124,14 @@ class BloomEngine:
         self._zero0_norm = None
         if cfg.parallel.zero_stage == 0:
             self._clip_in_optimizer_step(cfg.optim.clip_grad)
+        # step_gate(loss, grad_norm) -> truthy to skip the step: asked inside the optimizer step, before
+        # the update, with this step's DP-mean loss and global gradient norm (training/spikes.py).
+        self.step_gate = None
+        self.optimizer.veto = self._veto
+        self._gate_said = None  # the gate's answer for the step under way (asked once per step)
+        self._step_loss = None
+        # Fault injection (trainer.spike.inject_at): the training loss is multiplied by this.
+        self.loss_factor = 1.0
 
     def _build_module(self, cfg, seed, device):
         self.tp = tensor_parallel_from_state(seed, device, sequence_parallel=cfg.parallel.sequence_parallel)
@@ -130,7 +139,13 @@ class BloomEngine:
             return build_model(cfg.model, seed=seed, device=device, tp=self.tp)
         kernels = select_kernels(cfg.model.kernels, device, cfg.model.attention_dropout,
                                  cfg.model.hidden_size // cfg.model.num_heads)
-        return BloomPipeline(cfg.model, self.tp, kernels, seed, build_topology()).to(device)
+        pipeline = BloomPipeline(cfg.model, self.tp, kernels, seed, build_topology()).to(device)
+        loss_fn = pipeline.loss_fn
+        pipeline.loss_fn = lambda outputs, labels: self._scaled(loss_fn(outputs, labels))
+        return pipeline
+
+    def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss if self.loss_factor == 1.0 else loss * self.loss_factor
 
     def tp_rng_state(self) -> torch.Tensor:
         return self.tp.rng.snapshot()
@@ -159,6 +174,7 @@ class BloomEngine:
         """One optimizer step over this rank's micro-batches of a global batch."""
         self._set_global_batch(len(micro_batches) * self.layout.dp * micro_batches[0]["tokens"].shape[0])
         self.engine.train()
+        self._gate_said, self._step_loss = None, None
         if self.pipelined:
             batches = [(t, (l, m)) for t, l, m in map(self._to_device, micro_batches)]
             loss = self.engine.train_batch(iter(batches)).item()
@@ -166,19 +182,47 @@ class BloomEngine:
             loss = self._train_plain(micro_batches)
         overflow = bool(getattr(self.engine.optimizer, "overflow", False))
         skipped = overflow or self.optimizer.skipped_last_step
-        return StepResult(loss, self._grad_norm(), skipped, overflow, self._loss_scale())
+        spike = not overflow and self.optimizer.vetoed_last_step
+        return StepResult(loss, self._grad_norm(), skipped, overflow, self._loss_scale(), spike)
+
+    def _veto(self) -> bool:
+        """This rank's answer to step_gate, asked by the optimizer before it applies the update
+        (DeepSpeed's ZeRO optimizers call it once per parameter group: the first answer holds for
+        the step). The gradient norm is already computed there (ZeRO: by DeepSpeed, before the
+        clipping; ZeRO 0: by _clip_in_optimizer_step), and the loss of every micro-batch is known."""
+        if self.step_gate is None:
+            return False
+        if self._gate_said is None:
+            self._gate_said = bool(self.step_gate(self._loss_before_step(), self._norm_before_step()))
+        return self._gate_said
+
+    def _loss_before_step(self) -> float:
+        if not self.pipelined:
+            return self._step_loss
+        # The pipeline's own reduction (DP mean on the last stage, broadcast to every stage), run
+        # ahead of the one train_batch runs after its schedule: the same value, on every rank.
+        return self.engine._aggregate_total_loss().item()
+
+    def _norm_before_step(self) -> float:
+        if self._zero0_norm is not None:
+            return self._zero0_norm
+        norm = getattr(self.engine.optimizer, "_global_grad_norm", None)
+        return float(norm) if norm is not None else float("nan")
 
     def _train_plain(self, micro_batches) -> float:
         total = torch.zeros((), device=self.device)
         for index, batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
             # Say where the step is: DeepSpeed's own count (micro_steps modulo the accumulation
             # steps) puts it in the wrong place once the batch rampup changes the count mid-run.
-            self.engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
-            loss = self.engine(*self._to_device(batch))
+            self.engine.set_gradient_accumulation_boundary(last)
+            loss = self._scaled(self.engine(*self._to_device(batch)))
             self.engine.backward(loss)
-            self.engine.step()
             total += loss.detach().float()
-        return self._dp_mean(total / len(micro_batches))
+            if last:  # the step's loss, known before the optimizer step (step_gate reads it)
+                self._step_loss = self._dp_mean(total / len(micro_batches))
+            self.engine.step()
+        return self._step_loss
 
     def _dp_mean(self, value: torch.Tensor) -> float:
         value = value.clone()

@@ -28,6 +28,10 @@ class GuardedAdamW(torch.optim.AdamW):
     def __init__(self, params, **kwargs):
         super().__init__(params, **kwargs)
         self.skipped_last_step = False
+        # veto() -> True: skip this step though its gradients are finite (a loss spike; set by
+        # BloomEngine, asked on every rank, agreed in the same all-reduce as the finiteness).
+        self.veto = None
+        self.vetoed_last_step = False
 
     def _local_nonfinite(self) -> bool:
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -44,10 +48,12 @@ class GuardedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        flag = torch.tensor([1.0 if self._local_nonfinite() else 0.0], device=self._device())
+        vetoed = bool(self.veto()) if self.veto is not None else False
+        flag = torch.tensor([1.0 if self._local_nonfinite() else 0.0, float(vetoed)], device=self._device())
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.skipped_last_step = bool(flag.item())
+        self.skipped_last_step = bool(flag.max().item())
+        self.vetoed_last_step = bool(flag[1].item()) and not bool(flag[0].item())
         if self.skipped_last_step:
             return None
         return super().step(closure)

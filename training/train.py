@@ -2,6 +2,7 @@
 
 Every rank runs this; only global rank 0 prints and writes metrics.
 """
+import json
 import os
 import random
 import signal
@@ -29,6 +30,7 @@ from training.config.loader import ConfigError, to_yaml
 from training.plan.flops import model_flops_per_iteration, tflops_per_device
 from training.lr_schedule import learning_rate
 from training.metrics import MetricsLogger
+from training.spikes import SkipRanges, SpikeDetector
 from training.model.bloom import padded_vocab_size
 
 
@@ -66,6 +68,7 @@ class LoopState:
     consumed_samples: int = 0
     consumed_tokens: int = 0
     history: list = field(default_factory=list)  # (iteration, lm_loss) of every step run
+    spikes: dict = field(default_factory=dict)  # the spike state a checkpoint saves (Trainer.save)
 
 
 def total_train_samples(cfg, schedule) -> int:
@@ -106,6 +109,10 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     def __init__(self, cfg, layout):
         self.cfg, self.layout = cfg, layout
+        # Checked first: a bad range or threshold fails before any data or model is built.
+        self.spikes = SpikeDetector(cfg.trainer.spike)
+        self.skips = SkipRanges.parse(cfg.trainer.skip_train_iteration_range)
+        self.rollbacks = []  # {"at", "to", "skip"} of each rollback, saved with the skip ranges
         self.rank0 = dist.get_rank() == 0
         self.device = device_for_rank()
         self.schedule = batch_schedule(cfg, layout.dp)
@@ -121,6 +128,8 @@ class Trainer:
         self.metrics = MetricsLogger(run_dir, cfg.logging, self.rank0, config_dict=_config_dict(cfg))
         self.start_time = time.time()
         self.guard = NonFiniteGuard()
+        if cfg.trainer.spike.enabled:
+            self.engine.step_gate = self.spikes.check
         self.checkpointer = Checkpointer(cfg, layout, self.engine, self.data.tokenizer.directory)
         self.saved_at = None
         self.signal_received = None
@@ -139,10 +148,8 @@ class Trainer:
         if restored is None:
             return
         directory, saved = restored
+        self._restore_position(saved)
         s = self.state
-        s.iteration, s.consumed_samples = saved["iteration"], saved["consumed_samples"]
-        s.consumed_tokens = saved["consumed_tokens"]
-        self.saved_at = s.iteration
         if not saved["same_layout"]:
             seed_everything(self.cfg.trainer.seed + s.iteration)  # the saved streams belong to other ranks
         dropped = self.metrics.truncate_after(s.iteration)
@@ -151,8 +158,24 @@ class Trainer:
                   + _read_summary(saved)
                   + (f"; dropped {dropped} metrics lines logged after it" if dropped else ""))
 
+    def _restore_position(self, saved: dict) -> None:
+        """The loop position and spike state a checkpoint holds (one without spike state: none;
+        the configured skip ranges are kept, merged with the saved ones)."""
+        s = self.state
+        s.iteration, s.consumed_samples = saved["iteration"], saved["consumed_samples"]
+        s.consumed_tokens = saved["consumed_tokens"]
+        s.history = [(i, loss) for i, loss in s.history if i <= s.iteration]
+        self.saved_at = s.iteration
+        spikes = saved.get("spikes") or {}
+        self.spikes.load_state_dict(spikes.get("detector"))
+        for start, end in spikes.get("skip_ranges", []):
+            self.skips.add(start, end)
+        self.rollbacks = _merged(self.rollbacks, spikes.get("rollbacks", []))
+
     def save(self) -> None:
         if self.saved_at != self.state.iteration:
+            self.state.spikes = {"detector": self.spikes.state_dict(), "skip_ranges": self.skips.to_list(),
+                                 "rollbacks": list(self.rollbacks)}
             path = self.checkpointer.save(self.state)
             self.saved_at = self.state.iteration
             if self.cfg.trainer.async_save:
@@ -169,29 +192,93 @@ class Trainer:
 
     def train(self) -> LoopState:
         t = self.cfg.trainer
-        batches = iter_global_batches(self.data.train, self.schedule, self.state.consumed_samples,
-                                      self.dp_rank, self.cfg.data.loader_workers)
         self._say(f"training {self.cfg.model.name}: TP {self.layout.tp} x PP {self.layout.pp} x DP "
                   f"{self.layout.dp}, {t.precision}, {self._target()}")
-        window = time.time()
-        for consumed, micro_batches in batches:
-            if self._done():
-                break
-            result = self._step(micro_batches)
-            self._finish_background_save()
-            self._log_step(result, time.time() - window, len(micro_batches))
-            window = time.time()
-            if self.state.iteration % t.eval_interval == 0:
-                self.evaluate()
-            if self.state.iteration % t.save_interval == 0:
-                self.save()
-            if self._should_exit():
-                break
+        # The batches start from the data position; a skipped range or a rollback moves it, and
+        # they start again from there.
+        while not self._done() and (self._skip_range() or self._train_batches()):
+            pass
         if self.state.iteration > 0:
             self.save()
         self._finish_background_save(wait=True)  # the exit waits for the write
         self.exit_reason = self.exit_reason or "finished"
         return self.state
+
+    def _train_batches(self) -> bool:
+        """Train from the current data position; True when it must jump (a skip range is next,
+        or a rollback happened), False when training is over."""
+        t = self.cfg.trainer
+        batches = iter_global_batches(self.data.train, self.schedule, self.state.consumed_samples,
+                                      self.dp_rank, self.cfg.data.loader_workers)
+        window = time.time()
+        for consumed, micro_batches in batches:
+            if self._done():
+                return False
+            if self.skips.end_of(self.state.iteration + 1) is not None:
+                return True
+            result = self._step(micro_batches)
+            self._finish_background_save()
+            self._log_step(result, time.time() - window, len(micro_batches))
+            window = time.time()
+            if result.spike and self._roll_back_if_due():
+                return True
+            if self.state.iteration % t.eval_interval == 0:
+                self.evaluate()
+            if self.state.iteration % t.save_interval == 0:
+                self.save()
+            if self._should_exit():
+                return False
+        return False
+
+    def _skip_range(self) -> bool:
+        """If the next iteration is in a skip range, consume the range's global batches untrained
+        (their iterations and samples count, as the data sampler reads by position); True then."""
+        s, t = self.state, self.cfg.trainer
+        end = self.skips.end_of(s.iteration + 1)
+        if end is None:
+            return False
+        first, samples = s.iteration + 1, s.consumed_samples
+        while s.iteration < end and not self._done():
+            size = self.schedule.global_batch(s.consumed_samples)
+            s.iteration += 1
+            s.consumed_samples += size
+            s.consumed_tokens += size * self.cfg.data.seq_length
+            self.metrics.log(s.iteration, {"step": s.iteration, "skipped": True, "data_skipped": True,
+                                           "global_batch_size": size, "consumed_samples": s.consumed_samples,
+                                           "consumed_tokens": s.consumed_tokens})
+        self._say(f"iterations {first}-{s.iteration} skipped (trainer.skip_train_iteration_range): "
+                  f"their {s.consumed_samples - samples} samples consumed untrained")
+        if s.iteration // t.save_interval > (first - 1) // t.save_interval:
+            self.save()  # a save point fell inside the range
+        return True
+
+    def _roll_back_if_due(self) -> bool:
+        """After a spike: when max_spikes fell within the rollback window, reload the last
+        checkpoint saved before the first of them (after any save in flight), and skip the
+        iterations from the first spike to this one. True when it rolled back."""
+        span = self.spikes.rollback_range(self.state.iteration)
+        if span is None:
+            return False
+        first, last = span
+        count = len(self.spikes.spikes)
+        self._finish_background_save(wait=True)
+        target = self.checkpointer.roll_back_before(first)
+        if target is None:
+            raise TrainingStopped(
+                f"{count} loss spikes in iterations {first}-{last} and no checkpoint saved before iteration "
+                f"{first} to roll back to: restart from an earlier checkpoint with "
+                f"trainer.skip_train_iteration_range=[\"{first}-{last}\"]")
+        skips_before = self.skips.to_list()
+        _, saved = self.checkpointer.restore(str(target), self._say)
+        self._restore_position(saved)
+        for start, end in skips_before + [[first, last]]:
+            self.skips.add(start, end)
+        event = {"at": last, "to": self.state.iteration, "skip": [first, last]}
+        self.rollbacks = _merged(self.rollbacks, [event])
+        self.metrics.log(last, {"step": last, "rollback": event, "spike_iterations": count})
+        self._say(f"iteration {last}: {count} loss spikes since iteration {first}: rolled back to {target} "
+                  f"(iteration {self.state.iteration}); iterations {first}-{last} will be skipped")
+        return True
 
     def _target(self) -> str:
         t = self.cfg.trainer
@@ -207,6 +294,8 @@ class Trainer:
         s = self.state
         lr = learning_rate(self.cfg.optim, s.consumed_samples)
         self.engine.set_learning_rate(lr)
+        spike = self.cfg.trainer.spike
+        self.engine.loss_factor = spike.inject_factor if s.iteration + 1 in spike.inject_at else 1.0
         result = self.engine.train_step(micro_batches)
         size = self.schedule.global_batch(s.consumed_samples)
         s.iteration += 1
@@ -214,14 +303,23 @@ class Trainer:
         s.consumed_tokens += size * self.cfg.data.seq_length
         s.history.append((s.iteration, result.loss))
         self._check_finite(result)
+        self._note_spike(result)
         result.lr, result.global_batch = lr, size
         return result
 
     def _check_finite(self, result) -> None:
-        message = self.guard.update(self.state.iteration, result.loss, result.grad_norm, result.skipped,
-                                    result.overflow)
+        message = self.guard.update(self.state.iteration, result.loss, result.grad_norm,
+                                    result.skipped and not result.spike, result.overflow)
         if message:
             self._say(message)
+
+    def _note_spike(self, result) -> None:
+        """Feed the detector the step every rank agreed on, and say why a spike was one."""
+        self.spikes.record(self.state.iteration, result.loss, result.grad_norm, result.spike, not result.skipped)
+        if result.spike:
+            why = self.spikes.check(result.loss, result.grad_norm) if self.rank0 else None
+            self._say(f"iteration {self.state.iteration}: loss spike ({why or 'seen by another rank'}): "
+                      "step skipped, weights unchanged")
 
     def _log_step(self, result, seconds: float, micro_batches: int) -> None:
         s, cfg = self.state, self.cfg
@@ -231,6 +329,7 @@ class Trainer:
         metrics = {
             "step": s.iteration, "lm_loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
             "loss_scale": result.loss_scale, "skipped": result.skipped, "overflow": result.overflow,
+            "spike": result.spike,
             "global_batch_size": result.global_batch, "consumed_samples": s.consumed_samples,
             "consumed_tokens": s.consumed_tokens, "iteration_time": seconds,
             "samples_per_sec": result.global_batch / seconds,
@@ -298,6 +397,12 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+
+
+def _merged(events: list, more: list) -> list:
+    """Rollback records, each once, in order of iteration (a checkpoint's and the run's own)."""
+    unique = {json.dumps(e, sort_keys=True): e for e in [*events, *more]}
+    return sorted(unique.values(), key=lambda e: (e["at"], e["to"]))
 
 
 def _config_dict(cfg) -> dict:

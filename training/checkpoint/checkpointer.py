@@ -73,6 +73,9 @@ class LoopPosition:
     iteration: int
     consumed_samples: int
     consumed_tokens: int
+    # The loop's small run state as JSON (training/spikes.py: skip ranges, spike detector window);
+    # trainer_state.json keeps it under "spikes". Older checkpoints lack it: no ranges.
+    spikes: str = "{}"
 
 
 @dataclass
@@ -272,7 +275,8 @@ class Checkpointer:
         scaler = self._loss_scaler()
         scaler_state = {k: getattr(scaler, k) for k in ("cur_scale", "cur_iter", "last_overflow_iter",
                                                        "cur_hysteresis") if scaler and hasattr(scaler, k)}
-        loop = LoopPosition(loop_state.iteration, loop_state.consumed_samples, loop_state.consumed_tokens)
+        loop = LoopPosition(loop_state.iteration, loop_state.consumed_samples, loop_state.consumed_tokens,
+                            json.dumps(getattr(loop_state, "spikes", {})))  # a copy, as of this step
         if copy:
             # Background saves keep their images from one save to the next: the memory is paged
             # in once, not at every step boundary that saves (each save waits for the previous).
@@ -360,7 +364,7 @@ class Checkpointer:
         loop = snapshot.loop
         files.write_json(staging / "trainer_state.json", {
             "iteration": loop.iteration, "consumed_samples": loop.consumed_samples,
-            "consumed_tokens": loop.consumed_tokens})
+            "consumed_tokens": loop.consumed_tokens, "spikes": json.loads(loop.spikes)})
         from training.config.loader import to_yaml
 
         (staging / "config.yaml").write_text(to_yaml(self.cfg))
@@ -400,6 +404,26 @@ class Checkpointer:
     def _maybe_die_for_test(self, iteration: int) -> None:
         if os.environ.get(KILL_DURING_SAVE_ENV) == str(iteration) and dist.get_rank() == 0:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def roll_back_before(self, iteration: int) -> Optional[Path]:
+        """For a loss-spike rollback: the newest complete checkpoint saved before `iteration`
+        (rank 0's choice, on every rank), made `latest`; the newer ones, saved in the stretch being
+        rolled back, are retired (renamed to hidden names, deleted at the next save), so no later
+        resume or pruning picks one of them. None when there is no such checkpoint."""
+        self.wait()
+        chosen = [None]
+        if dist.get_rank() == 0:
+            complete = files.complete_checkpoints(self.root)
+            before = [d for d in complete if int(d.name.split("_")[-1]) < iteration]
+            if before:
+                chosen = [str(before[-1])]
+                pointer = self.root / f".{files.LATEST}.tmp"  # latest first: a crash after it is safe
+                pointer.write_text(before[-1].name + "\n")
+                os.replace(pointer, self.root / files.LATEST)
+                for newer in complete[len(before):]:
+                    os.replace(newer, newer.parent / f".{newer.name}.deleting")
+        dist.broadcast_object_list(chosen, src=0)
+        return Path(chosen[0]) if chosen[0] else None
 
     # -- loading -----------------------------------------------------------------------------
 

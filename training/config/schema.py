@@ -77,6 +77,30 @@ class OptimConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """Loss-spike detection (training/spikes.py): thresholds against a window of recent steps, the
+    step skipped, and a rollback after repeated spikes. Off unless enabled (a false alarm would
+    change a run; turn it on for long runs, as PaLM did)."""
+    enabled: bool = False
+    window: int = 100  # accepted steps whose loss and grad norm form the reference
+    min_history: int = 20  # the detector arms once the window holds this many steps
+    # A spike: loss > mean + loss_z * std AND loss > loss_ratio * mean of the window (null: that
+    # test is not made; both null: the signal is not watched). The same for the gradient norm.
+    loss_z: Optional[float] = 5.0
+    loss_ratio: Optional[float] = 1.1
+    grad_norm_z: Optional[float] = 5.0
+    grad_norm_ratio: Optional[float] = 3.0
+    # max_spikes spikes within rollback_window iterations: reload the last checkpoint saved before
+    # the first of them and skip the iterations from the first to the last (0: never roll back).
+    max_spikes: int = 3
+    rollback_window: int = 100
+    # Fault injection, for testing the detector: at these iterations the training loss (and so
+    # every gradient) is multiplied by inject_factor. Leave empty in real runs.
+    inject_at: List[int] = field(default_factory=list)
+    inject_factor: float = 10.0
+
+
+@dataclass
 class TrainerConfig:
     micro_batch_size: int = 1
     global_batch_size: int = 8
@@ -105,6 +129,10 @@ class TrainerConfig:
     dry_run: bool = False
     exit_duration_mins: Optional[float] = None
     kill_switch_file: Optional[str] = None
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    # BigScience's --skip-train-iteration-range: ["START-END", ...], inclusive, counted from 1; the
+    # iterations' batches are consumed without training (rollbacks add theirs to the checkpoint).
+    skip_train_iteration_range: List[str] = field(default_factory=list)
 
 
 @dataclass
