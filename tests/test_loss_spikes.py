@@ -271,3 +271,29 @@ def pp2_runs(tmp_path_factory, data_cache):
 def test_a_spike_is_skipped_with_weights_unchanged_pp2(pp2_runs):
     """The first stage holds no loss: the one reduced on the last stage reaches it before the step."""
     _assert_spike_skipped_exactly(pp2_runs)
+
+
+def test_killed_after_the_rollback_and_resumed_is_bitwise(tmp_path, data_cache):
+    """bloom-train, one process, a checkpoint every iteration written in the background (so the
+    save of iteration 8, made after the first spike, may be in flight when the rollback comes: it
+    waits for it, then retires it). SIGKILLed right after the rollback (the resumed run starts
+    from the checkpoint before the spikes, meets them again and rolls back the same way), then
+    again while writing the checkpoint of iteration 11 (a save starts once the previous one is
+    complete: the run resumes from 10, after the rollback, its skip range and detector window from
+    that checkpoint): the steps equal an uninterrupted run's bitwise."""
+    def args(run):
+        return BASE + ROLLBACK + [f"trainer.run_dir={run}", f"data.cache_dir={data_cache}",
+                                  "trainer.save_interval=1", "trainer.async_save=true"]
+    whole = bloom_train(args(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    assert "rolled back to" in whole.stdout and "iter_00000007" in whole.stdout.split("rolled back to")[1]
+    run = tmp_path / "killed"
+    for kill_when in ("rolled back to", "checkpoint of iteration 11"):  # the second: 10 is complete
+        crashed = bloom_train(args(run), kill_when=kill_when)
+        assert crashed.returncode != 0 and kill_when in crashed.stdout, crashed.stdout[-2000:]
+    resumed = bloom_train(args(run))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "iter_00000010" in resumed.stdout.split("resumed from")[1].splitlines()[0]
+    expected, got = final_records(tmp_path / "whole"), final_records(run)
+    assert sorted(got) == list(range(1, ITERS + 1)) and [s for s, r in got.items() if r["data_skipped"]] == [8, 9]
+    assert got == expected
