@@ -146,6 +146,11 @@ class Trainer:
     def _resume(self) -> None:
         restored = self.checkpointer.restore(self.cfg.trainer.resume, self._say)
         if restored is None:
+            # The run starts at step 0: what an earlier start logged before it died with no
+            # checkpoint would otherwise stay, and metrics.jsonl would hold those steps twice.
+            dropped = self.metrics.truncate_after(0)
+            if dropped:
+                self._say(f"no checkpoint to resume from: dropped {dropped} metrics lines an earlier start logged")
             return
         directory, saved = restored
         self._restore_position(saved)
