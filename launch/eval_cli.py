@@ -165,7 +165,7 @@ def harness_report(args, model, tokenizer, seq_length: int, device) -> dict:
     from training.evaluation.harness_tasks import run_tasks, task_manager
 
     lm = BloomHarnessLM(StageForward.of_stage_model(model, device), tokenizer, seq_length, args.batch_size)
-    return run_tasks(lm, args.tasks, task_manager(args.include_path), args.limit, args.num_fewshot,
+    return run_tasks(lm, args.tasks, task_manager(args.include_path, args.tasks), args.limit, args.num_fewshot,
                      args.log_samples)
 
 

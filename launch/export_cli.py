@@ -1,13 +1,15 @@
 """bloom-export: a checkpoint (any TP/PP/DP layout) -> a Hugging Face Hub directory.
 
     bloom-export CHECKPOINT --out DIR [--dtype bf16|fp16|fp32] [--max-shard-size 2GB]
-                 [--push-to-hub REPO [--private]] [--skip-self-check] [--flax]
+                 [--push-to-hub REPO [--private]] [--skip-self-check] [--flax] [--harness-results FILE]
 
 CHECKPOINT is a checkpoint directory (iter_XXXXXXXX) or a checkpoints directory with `latest`.
 Checksums are verified first; before DIR appears, the exported model is loaded with
 transformers and its logits compared with the training model's (--skip-self-check only for models
 too large to hold twice in this machine's memory). --flax also writes flax_model.msgpack (sharded
 like the safetensors), which transformers 4.x's FlaxBloomModel / FlaxBloomForCausalLM load.
+The model card's model-index holds the lm-evaluation-harness scores of this checkpoint: those in
+--harness-results FILE (bloom-eval --tasks --out), else RUN_DIR/harness/iter_N*.json.
 """
 import argparse
 import sys
@@ -35,6 +37,8 @@ def parse_args(argv):
     parser.add_argument("--skip-self-check", action="store_true")
     parser.add_argument("--flax", action="store_true",
                         help="also write flax_model.msgpack (transformers 4.x Flax BLOOM)")
+    parser.add_argument("--harness-results", metavar="FILE",
+                        help="harness scores for the card's model-index (default: the run dir's for this iteration)")
     return parser.parse_args(argv)
 
 
@@ -50,10 +54,16 @@ def main(argv=None) -> int:
     from training.hf.export import ExportError, export_checkpoint, push_to_hub
     from training.hf.self_check import SelfCheckFailed
 
+    from training.hf.model_card import harness_file_scores
+
     size = int(args.max_shard_size) if args.max_shard_size.isdigit() else args.max_shard_size
     try:
+        harness = harness_file_scores(args.harness_results) if args.harness_results else None
+    except ValueError as error:
+        return fail(_one_line(error))
+    try:
         result = export_checkpoint(args.checkpoint, args.out, args.dtype, size,
-                                   run_self_check=not args.skip_self_check, flax=args.flax)
+                                   run_self_check=not args.skip_self_check, flax=args.flax, harness=harness)
     except (ExportError, CheckpointError, DataError, OSError) as error:
         return fail(_one_line(error))
     except SelfCheckFailed as error:

@@ -27,6 +27,7 @@ from training import exit_record
 from training.checkpoint.checkpointer import Checkpointer
 from training.config.checks import batch_schedule, validate
 from training.config.loader import ConfigError, to_yaml
+from training.evaluation.harness_tasks import TrainingHarness
 from training.plan.flops import model_flops_per_iteration, tflops_per_device
 from training.lr_schedule import learning_rate
 from training.metrics import MetricsLogger
@@ -131,6 +132,8 @@ class Trainer:
         if cfg.trainer.spike.enabled:
             self.engine.step_gate = self.spikes.check
         self.checkpointer = Checkpointer(cfg, layout, self.engine, self.data.tokenizer.directory)
+        # trainer.eval_tasks: lm-evaluation-harness tasks on the running model (None when unset)
+        self.harness = TrainingHarness.create(cfg, self.engine, self.data.tokenizer.directory)
         self.saved_at = None
         self.signal_received = None
         self.exit_reason = None  # set when the loop ends: finished, or one of exit_record.EARLY_STOPS
@@ -229,6 +232,8 @@ class Trainer:
                 return True
             if self.state.iteration % t.eval_interval == 0:
                 self.evaluate()
+            if self.harness:
+                self.harness.maybe_run(self.state.iteration, self.metrics, self.rank0, self._say)
             if self.state.iteration % t.save_interval == 0:
                 self.save()
             if self._should_exit():

@@ -101,6 +101,18 @@ class SpikeConfig:
 
 
 @dataclass
+class EvalTasksConfig:
+    """trainer.eval_tasks: lm-evaluation-harness tasks on the running model every `interval`
+    iterations (training/evaluation/harness_tasks.py), logged as harness/<task>/<metric>."""
+    tasks: List[str] = field(default_factory=list)  # lm_eval task names; empty: none
+    interval: int = 1000  # iterations
+    include_path: Optional[str] = None  # a folder of task YAMLs (lm_eval --include_path)
+    limit: Optional[float] = None  # documents per task (a fraction when < 1), as lm_eval --limit
+    num_fewshot: Optional[int] = None  # None: each task's own default
+    batch_size: int = 8  # requests per forward pass
+
+
+@dataclass
 class TrainerConfig:
     micro_batch_size: int = 1
     global_batch_size: int = 8
@@ -124,6 +136,7 @@ class TrainerConfig:
     keep_checkpoints: int = 3  # the newest K complete checkpoints are kept (0 = all)
     eval_interval: int = 1000
     eval_iters: int = 10
+    eval_tasks: EvalTasksConfig = field(default_factory=EvalTasksConfig)
     run_dir: str = "runs/default"
     resume: str = "auto"  # auto | none | a checkpoint directory
     dry_run: bool = False

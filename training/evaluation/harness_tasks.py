@@ -26,14 +26,21 @@ class HarnessConfigError(ValueError):
     """A task list, include path or limit the harness cannot run; one line."""
 
 
-def task_manager(include_path: Optional[str]):
+def task_manager(include_path: Optional[str], tasks: List[str] = ()):
+    """lm_eval's TaskManager; only the include path's tasks when it holds every one asked for
+    (indexing lm_eval's own ~15,000 task YAMLs takes seconds in every process)."""
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise HarnessConfigError("harness tasks need lm-eval: pip install '.[eval]'") from None
 
-    if include_path is not None and not Path(include_path).is_dir():
+    if include_path is None:
+        return TaskManager(verbosity="ERROR")
+    if not Path(include_path).is_dir():
         raise HarnessConfigError(f"harness include path {include_path} is not a directory")
+    local = TaskManager(verbosity="ERROR", include_path=include_path, include_defaults=False)
+    if tasks and all(t in local.all_tasks for t in tasks):
+        return local
     return TaskManager(verbosity="ERROR", include_path=include_path)
 
 
@@ -43,7 +50,7 @@ def check_tasks(tasks: List[str], include_path: Optional[str], limit=None):
         raise HarnessConfigError("no harness tasks given")
     if limit is not None and limit <= 0:
         raise HarnessConfigError(f"harness limit {limit} must be positive")
-    manager = task_manager(include_path)
+    manager = task_manager(include_path, tasks)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         where = f" (include path {include_path})" if include_path else " (pass --include-path for local task YAMLs)"
@@ -73,6 +80,9 @@ def run_tasks(lm, tasks: List[str], manager, limit=None, num_fewshot=None, log_s
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # lm_eval bootstraps stderrs in a fork()ed multiprocessing Pool; forked from a training rank
+    # (gloo, DeepSpeed and data-loader threads) its workers hung. In-process is fast at 1000 draws.
+    os.environ["DISABLE_MULTIPROC"] = "1"
     # Rank 0 first: the datasets cache of each task is written once, then read by the others.
     if dist.get_rank() == 0:
         get_task_dict(tasks, manager)
@@ -81,6 +91,10 @@ def run_tasks(lm, tasks: List[str], manager, limit=None, num_fewshot=None, log_s
         out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                               num_fewshot=num_fewshot, bootstrap_iters=BOOTSTRAP_ITERS,
                               log_samples=log_samples, verbosity="ERROR")
+    # lm_eval returns its results only where LOCAL_RANK is 0; every rank computed the same ones.
+    shared = [out]
+    dist.broadcast_object_list(shared, src=0)
+    out = shared[0]
     report = {"tasks": list(tasks), "limit": limit, "num_fewshot": num_fewshot,
               "max_length": lm.max_length, "scores": scores(out["results"]),
               "n_samples": {t: n.get("effective") for t, n in out.get("n-samples", {}).items()},

@@ -30,8 +30,8 @@ from training.checkpoint.files import verify
 from training.hf.convert import hf_from_shards
 from training.hf.flax_export import write_flax_weights
 from training.hf.importer import TOKENIZER_FILES
-from training.hf.model_card import (blend_weights, final_losses, find_metrics, read_trainer_state,
-                                    render)
+from training.hf.model_card import (blend_weights, final_losses, find_harness, find_metrics,
+                                    read_trainer_state, render)
 from training.checkpoint.saved_model import open_checkpoint, read_model_tensors, saved_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -133,7 +133,7 @@ def _prepare_out(out: Path) -> Path:
 
 
 def export_checkpoint(checkpoint, out, dtype: str = "bf16", max_shard_size="2GB",
-                      run_self_check: bool = True, flax: bool = False) -> ExportResult:
+                      run_self_check: bool = True, flax: bool = False, harness=None) -> ExportResult:
     """Export `checkpoint` (a checkpoint dir, or a checkpoints dir with `latest`) to `out`; with
     `flax`, flax_model.msgpack too (the same tensors, in Flax's names and layout)."""
     from transformers import GenerationConfig
@@ -174,7 +174,8 @@ def export_checkpoint(checkpoint, out, dtype: str = "bf16", max_shard_size="2GB"
         weights, how = blend_weights(trained, TokenizerInfo(tokenizer_dir).fingerprint if tokenizer_dir else None)
         card = render(out.name, shape, manifest, state, trained, weights, how,
                       final_losses(metrics, iteration) if metrics else {},
-                      {"dtype": dtype, "self_check": diff})
+                      {"dtype": dtype, "self_check": diff},
+                      harness if harness is not None else find_harness(directory, iteration))
         (staging / "README.md").write_text(card)
         if out.exists():
             out.rmdir()  # empty (checked above)

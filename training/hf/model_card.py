@@ -2,8 +2,11 @@
 
 Facts come from the checkpoint (manifest, trainer_state.json, config.yaml), the data summary the
 preprocessing wrote (token counts per language, when its cache is still there) and the run's
-metrics.jsonl (run_dir/metrics.jsonl, beside run_dir/checkpoints/). Whatever is missing is left
-out rather than guessed.
+metrics.jsonl (run_dir/metrics.jsonl, beside run_dir/checkpoints/) and its lm-evaluation-harness
+reports (run_dir/harness/iter_N*.json, written by trainer.eval_tasks and bloom-eval --tasks, or a
+report passed to bloom-export --harness-results): their scores become the card's `model-index`
+(the Hub's format for evaluation results) and a table. Whatever is missing is left out rather than
+guessed.
 """
 import json
 import math
@@ -49,6 +52,35 @@ def final_losses(metrics: Path, iteration: int) -> dict:
     return last
 
 
+def harness_file_scores(path) -> dict:
+    """{task: {metric: value}} of a harness report: bloom-eval's JSON (--out) or a
+    run_dir/harness/iter_N*.json; ValueError with one line when it is neither."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"harness results {path}: {error}") from None
+    report = data.get("harness", data) if isinstance(data, dict) else None
+    if not isinstance(report, dict) or not isinstance(report.get("scores"), dict):
+        raise ValueError(f"harness results {path}: not a harness report (bloom-eval --tasks --out writes one)")
+    return report["scores"]
+
+
+def find_harness(directory: Path, iteration: int) -> dict:
+    """{task: {metric: value}} measured on this checkpoint: every run_dir/harness/iter_<iteration>*.json
+    (training's and bloom-eval's; on a task both measured, the newer file wins). Reports of other
+    iterations describe other weights and are not used."""
+    from training.evaluation.harness_tasks import read_report, report_path
+
+    run_dir = directory.resolve().parent.parent
+    stem = report_path(run_dir, iteration).stem
+    found = {}
+    for path in sorted(run_dir.glob(f"harness/{stem}*.json"), key=lambda p: p.stat().st_mtime):
+        report = read_report(path)
+        if report is not None and report.get("iteration", iteration) == iteration:
+            found.update(report["scores"])
+    return found
+
+
 def blend_weights(config: Optional[dict], tokenizer_sha: Optional[str]) -> tuple:
     """(weights by dataset name, how they were obtained) from the run's data config: explicit
     weights as given, otherwise the alpha-smoothed token shares recomputed from the data summary
@@ -90,17 +122,20 @@ def parameter_count(shape: dict) -> int:
 
 
 def render(name: str, shape: dict, manifest: dict, state: dict, config: Optional[dict],
-           weights: dict, weights_how: Optional[str], losses: dict, export: dict) -> str:
+           weights: dict, weights_how: Optional[str], losses: dict, export: dict,
+           harness: Optional[dict] = None) -> str:
     languages = sorted(k for k in weights if LANGUAGE_CODE.match(k))
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
              "tags: [bloom, bloom-pretrain]"]
     if languages:
         lines += ["language:"] + [f"- {code}" for code in languages]
+    lines += _model_index(name, harness or {})
     lines += ["---", "", f"# {name}", "",
               "A causal language model with BLOOM's architecture (ALiBi, embedding LayerNorm, tied "
               "embeddings), trained with bloom-pretrain and exported to `BloomForCausalLM`.", ""]
     lines += _model_section(shape, export) + _training_section(manifest, state, config)
-    lines += _data_section(weights, weights_how) + _results_section(losses) + _usage_section()
+    lines += _data_section(weights, weights_how) + _results_section(losses)
+    lines += _harness_section(harness or {}) + _usage_section()
     return "\n".join(lines) + "\n"
 
 
@@ -150,6 +185,41 @@ def _results_section(losses: dict) -> list:
              "| metric | step | value |", "|---|---|---|"]
     order = sorted(losses, key=lambda k: (k != "lm_loss", k != "valid_loss", k))
     lines += [f"| {key} | {losses[key][0]} | {losses[key][1]:.4f} |" for key in order]
+    return lines + [""]
+
+
+def _headline(metrics: dict) -> dict:
+    """The metrics a model-index lists: values, not their standard errors."""
+    return {k: v for k, v in sorted(metrics.items()) if "stderr" not in k and math.isfinite(v)}
+
+
+def _model_index(name: str, harness: dict) -> list:
+    """The Hub's model-index front matter: one result per harness task (lm_eval's task name as the
+    dataset, its metrics unrounded), not verified by the Hub."""
+    if not any(_headline(m) for m in harness.values()):
+        return []
+    lines = ["model-index:", f"- name: {json.dumps(name)}", "  results:"]
+    for task, metrics in sorted(harness.items()):
+        if not _headline(metrics):
+            continue
+        lines += ["  - task:", "      type: text-generation", "    dataset:",
+                  f"      name: {json.dumps(task)}", f"      type: {json.dumps(task)}", "    metrics:"]
+        for metric, value in _headline(metrics).items():
+            lines += [f"    - type: {json.dumps(metric)}", f"      name: {json.dumps(metric)}",
+                      f"      value: {value!r}", "      verified: false"]
+        lines += ["    source:", "      name: lm-evaluation-harness (bloom-pretrain)",
+                  "      url: https://github.com/EleutherAI/lm-evaluation-harness"]
+    return lines
+
+
+def _harness_section(harness: dict) -> list:
+    rows = [(task, metric, value, metrics.get(f"{metric}_stderr")) for task, metrics in sorted(harness.items())
+            for metric, value in _headline(metrics).items()]
+    if not rows:
+        return []
+    lines = ["## Downstream evaluation", "", "lm-evaluation-harness on the exported weights' checkpoint "
+             "(bloom-eval --tasks / trainer.eval_tasks):", "", "| task | metric | value | stderr |", "|---|---|---|---|"]
+    lines += [f"| {t} | {m} | {v:.4f} | {'' if e is None else f'{e:.4f}'} |" for t, m, v, e in rows]
     return lines + [""]
 
 
