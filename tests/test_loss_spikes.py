@@ -173,9 +173,9 @@ def _reference_after_range(tmp: Path, common: list) -> None:
                                                         "position": position}))
 
 
-def _spike_runs(rank, layout, cache, tmp, which):
+def _spike_runs(rank, layout, cache, tmp, which, extra=()):
     tmp = Path(tmp)
-    common = BASE + [f"data.cache_dir={cache}", f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}"]
+    common = BASE + [f"data.cache_dir={cache}", f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}", *extra]
     if "single" in which:
         _single_spike(tmp, common)
     if "rollback" not in which:
@@ -261,16 +261,13 @@ def test_run_resumed_after_the_rollback_is_exact(dp2_runs):
     assert ranks[0]["skips"] == [[8, 9]] and ranks[0]["rollbacks"] == [{"at": 9, "to": 6, "skip": [8, 9]}]
 
 
-@pytest.fixture(scope="module")
-def pp2_runs(tmp_path_factory, data_cache):
-    tmp = tmp_path_factory.mktemp("spikes-pp2")
-    run_processes(_spike_runs, Layout(1, 2, 1), Layout(1, 2, 1), data_cache, str(tmp), ["single"])
-    return tmp
-
-
-def test_a_spike_is_skipped_with_weights_unchanged_pp2(pp2_runs):
-    """The first stage holds no loss: the one reduced on the last stage reaches it before the step."""
-    _assert_spike_skipped_exactly(pp2_runs)
+# PP2: the first stage holds no loss; the one reduced on the last stage reaches it before the step.
+# TP2 at ZeRO 0: the gradient norm is the engine's own (_clip_in_optimizer_step), not DeepSpeed's.
+@pytest.mark.parametrize("layout,extra", [(Layout(1, 2, 1), []), (Layout(2, 1, 1), ["parallel.zero_stage=0"])],
+                         ids=["pp2", "tp2-zero0"])
+def test_a_spike_is_skipped_with_weights_unchanged(tmp_path, data_cache, layout, extra):
+    run_processes(_spike_runs, layout, layout, data_cache, str(tmp_path), ["single"], extra)
+    _assert_spike_skipped_exactly(tmp_path)
 
 
 def test_killed_after_the_rollback_and_resumed_is_bitwise(tmp_path, data_cache):
