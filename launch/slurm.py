@@ -1,11 +1,13 @@
 """bloom-slurm: render (and optionally submit) the sbatch script for a bloom-train run.
 
     bloom-slurm [hydra overrides...] [--submit] [--out FILE] [--cpus-per-task N] [--exclusive]
-                [--port PORT]
+                [--port PORT] [--step-wait SECONDS]
 
     bloom-slurm experiment=bloom-176b launcher.partition=gpu launcher.account=ajs
         prints the script; --out FILE writes it; --submit writes it into trainer.run_dir and runs
-        sbatch, printing the job id.
+        sbatch, printing the job id. --step-wait: how long srun waits for the other nodes once
+        one node's torchrun has exited (srun --wait, 60 s as BigScience ran): with a node lost,
+        its task never reports, so this is part of how long a failed job takes to end.
 
 The layout is checked first (world size = launcher.nodes x processes per node), so a config that
 cannot be laid out is refused here, not after hours in the queue.
@@ -31,6 +33,7 @@ from training.config.loader import ConfigError, RootConfig, load_config
 RDZV_PORT = 6000  # BigScience's tr11 rendezvous port
 PRE_TIMEOUT_SECONDS = 120  # SIGUSR1 this long before the time limit: time to save and exit
 SHUTDOWN_SECONDS = 100  # how long torchrun lets workers finish saving after a signal
+STEP_WAIT_SECONDS = 60  # srun --wait: tr11's; after it, srun ends the tasks still running
 CPUS_PER_GPU = 8  # tr11-176B asked 64 CPUs for 8 GPUs (data loader workers, pinned memory)
 SCRIPT_NAME = "bloom-slurm.sbatch"
 
@@ -50,12 +53,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--cpus-per-task", type=int)
     parser.add_argument("--exclusive", action="store_true")
     parser.add_argument("--port", type=int, default=RDZV_PORT)
+    parser.add_argument("--step-wait", type=int, default=STEP_WAIT_SECONDS)
     # Intermixed: `bloom-slurm experiment=x --submit trainer.y=1` reads naturally.
     args = parser.parse_intermixed_args(list(argv))
     if args.cpus_per_task is not None and args.cpus_per_task < 1:
         raise ConfigError(f"--cpus-per-task={args.cpus_per_task} must be at least 1")
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port={args.port} is not a TCP port")
+    if args.step_wait < 1:
+        raise ConfigError(f"--step-wait={args.step_wait} must be at least 1 second")
     return args
 
 
@@ -100,7 +106,7 @@ def sbatch_directives(cfg: RootConfig, *, run_dir: Path, cpus_per_task: Optional
 
 def render_script(cfg: RootConfig, overrides: Sequence[str], *, workdir: str, python: str,
                   cpus_per_task: Optional[int] = None, exclusive: bool = False,
-                  port: int = RDZV_PORT) -> str:
+                  port: int = RDZV_PORT, step_wait: int = STEP_WAIT_SECONDS) -> str:
     run_dir = Path(workdir, cfg.trainer.run_dir).resolve()
     quoted = " ".join(shlex.quote(arg) for arg in overrides)
     fields = {
@@ -113,6 +119,7 @@ def render_script(cfg: RootConfig, overrides: Sequence[str], *, workdir: str, py
         "RUN_DIR": shlex.quote(str(run_dir)),
         "NPROC": str(procs_per_node(cfg)),
         "SHUTDOWN": str(SHUTDOWN_SECONDS),
+        "STEP_WAIT": str(step_wait),
         "OVERRIDES": quoted.replace("\n", " "),
     }
     script = TEMPLATE
@@ -153,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         workdir = os.getcwd()
         script = render_script(cfg, args.overrides, workdir=workdir, python=sys.executable,
                                cpus_per_task=args.cpus_per_task, exclusive=args.exclusive,
-                               port=args.port)
+                               port=args.port, step_wait=args.step_wait)
         run_dir = Path(workdir, cfg.trainer.run_dir).resolve()
         if not (args.out or args.submit):
             print(script, end="")

@@ -50,9 +50,11 @@ def test_176b_runs_torchrun_per_node_under_srun(bloom_176b):
     assert "SIGUSR1" in launch.split("--signals-to-handle")[1].split()[0]
     assert ("-m launch.train_cli \"$@\"' bloom-train experiment=bloom-176b "
             "launcher.partition=gpu_p5 launcher.account=six@a100 && status=0 || status=$?") in launch
-    # after the step: requeue when the run's exit record asks for more time (tests/test_exit_record.py)
+    # after the step: requeue when the run's exit record asks for it (tests/test_exit_record.py),
+    # without the hosts whose ranks went silent (tests/test_node_faults.py)
     assert launch.endswith('-m training.exit_record /scratch/bloom/runs/bloom-176b "$SLURM_JOB_ID"; '
-                           'then scontrol requeue "$SLURM_JOB_ID" fi exit $status')
+                           'then requeue_without "$("$PYTHON" -m training.exit_record --exclude '
+                           '/scratch/bloom/runs/bloom-176b)" fi exit $status')
     assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in bloom_176b
     assert "MASTER_PORT=${MASTER_PORT:-6000}" in bloom_176b
     assert "PYTHON=/opt/venv/bin/python" in bloom_176b and "cd /scratch/bloom" in bloom_176b
@@ -75,9 +77,10 @@ def test_cpu_job_asks_no_gpus_and_one_cpu_per_process():
 def test_options_exclusive_and_cpus(tmp_path):
     cfg = checked_config(["experiment=bloom-176b"])
     script = render_script(cfg, [], workdir="/w", python="python", cpus_per_task=32,
-                           exclusive=True, port=6123)
+                           exclusive=True, port=6123, step_wait=15)
     assert {"--exclusive", "--cpus-per-task=32"} <= set(directives(script))
     assert "MASTER_PORT=${MASTER_PORT:-6123}" in script
+    assert "\nsrun --wait=15 --kill-on-bad-exit=1 " in script
 
 
 def test_overrides_are_shell_quoted():
@@ -103,6 +106,7 @@ def test_layout_disagreeing_with_the_nodes_is_refused():
 
 @pytest.mark.parametrize("args, message", [
     (["--cpus-per-task", "0"], "--cpus-per-task=0 must be at least 1"),
+    (["--step-wait", "0"], "--step-wait=0 must be at least 1 second"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["launcher.nodes=0"], "launcher.nodes=0 must be at least 1"),
     (["no_such_group=x"], "no_such_group"),

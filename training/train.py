@@ -23,6 +23,7 @@ from parallelism.deepspeed_engine import BloomEngine
 from parallelism.topology import (init_model_parallel, init_process_group, placement_lines, rank_hosts,
                                   shutdown)
 from parallelism.tp_replicas import sync_replicated_parameters
+from parallelism.watchdog import Heartbeat
 from training import exit_record
 from training.checkpoint.checkpointer import Checkpointer
 from training.config.checks import batch_schedule, validate
@@ -443,18 +444,33 @@ def run(cfg) -> int:
             print(f"placement: {len(hosts)} rank(s) on {len(set(hosts))} host(s), collective "
                   f"timeout {timeout_s:g} s", flush=True)
             print("\n".join(placement_lines(hosts, layout)), flush=True)
+        heartbeat = Heartbeat.start(hosts, timeout_s)  # names the rank or node that goes silent
         trainer = Trainer(cfg, layout)
+        silence = None
+        if heartbeat:
+            heartbeat.follow(lambda: trainer.state.iteration)
         try:
             state = trainer.train()
         except TrainingStopped as error:
             if dist.get_rank() == 0:
                 print(f"bloom-train: error: {error}", file=sys.stderr, flush=True)
             return 3
+        except RuntimeError as error:  # gloo/NCCL: a peer died or stopped answering?
+            silence = heartbeat.diagnose() if heartbeat else None
+            if silence is None:
+                raise
+            trainer.exit_reason = silence.reason
+            if silence.reporter:  # one line for the job, not one stack per rank
+                print(f"bloom-train: error: {silence.message(error, timeout_s)}", file=sys.stderr, flush=True)
+            return 4
         finally:
             trainer.close()
-            if dist.get_rank() == 0:
+            if heartbeat:
+                heartbeat.stop()
+            if (silence.reporter if silence else dist.get_rank() == 0):
                 exit_record.write(cfg.trainer.run_dir, trainer.exit_reason or "error",
-                                  trainer.start_iteration, trainer.state.iteration)
+                                  trainer.start_iteration, trainer.state.iteration,
+                                  **(silence.record() if silence else {}))
         if dist.get_rank() == 0 and state.history:
             first, last = state.history[0][1], state.history[-1][1]
             ended = "done" if trainer.exit_reason == "finished" else f"stopped ({trainer.exit_reason})"
