@@ -96,7 +96,7 @@ def layouts(cfg: RootConfig, world: int, precision: str):
 def memory_gib(cfg: RootConfig, lay: Layout) -> float:
     model = dataclasses.replace(cfg.model, recompute=lay.recompute)
     stages = estimate(model, Topology(lay.tp, lay.pp, lay.dp), lay.precision, lay.zero_stage, cfg.data.seq_length,
-                      lay.micro_batch, lay.micro_batches, lay.sequence_parallel)
+                      lay.micro_batch, lay.micro_batches, lay.sequence_parallel, cfg.parallel)
     return max(s.total for s in stages)
 
 

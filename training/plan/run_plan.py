@@ -34,7 +34,8 @@ def make_plan(cfg: RootConfig, layout: Layout) -> dict:
     schedule = batch_schedule(cfg, layout.dp)
     t = cfg.trainer
     stages = estimate(cfg.model, layout, t.precision, cfg.parallel.zero_stage, cfg.data.seq_length,
-                      t.micro_batch_size, schedule.num_micro_batches(10 ** 18), cfg.parallel.sequence_parallel)
+                      t.micro_batch_size, schedule.num_micro_batches(10 ** 18), cfg.parallel.sequence_parallel,
+                      cfg.parallel)
     worst = max(stages, key=lambda s: s.total)
     gpu = load_gpu(cfg.launcher.gpu_type)
     # A CPU "GPU" is host memory that a node's processes share.
