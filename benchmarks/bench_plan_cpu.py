@@ -4,23 +4,28 @@ layouts of a small BLOOM on this CPU machine, in one run.
     python benchmarks/bench_plan_cpu.py [--hidden 512] [--layers 4] [--heads 8] [--seq 256]
                                         [--global-batch 8] [--steps 4] [--warmup 1] [--out DIR]
 
-1. Rates: two processes (one torch thread each, as the training runs: 2 processes on 2 cores)
-   measure at the same time this machine's fp32 matmul rate at the shapes the model runs (its
-   dense GEMMs at TP 1 and 2), its memory bandwidth (a streaming add), and gloo's all-reduce and
-   point-to-point bandwidth and latency between them (time = latency + bytes / bandwidth, fitted
-   over message sizes). They are written as a hardware YAML (OUT/cpu-measured.yaml, the keys of
-   configs/hardware/cpu.yaml; launcher.gpu_type accepts its path), each rate converted the way
-   training/plan/performance.py reads it back (its efficiency constants divided out), so the
-   model sees exactly the measured rates.
-2. Runs: the project's engine (tests/train_steps.py make_engine / train: BloomEngine, DeepSpeed,
+1. Runs: the project's engine (tests/train_steps.py make_engine / train: BloomEngine, DeepSpeed,
    its pipeline engine at PP 2) trains the same model at the same global batch as PP2 with 1, 2,
-   4 and 8 micro-batches (the bubble shrinks from 1/2 to 1/9), TP2 and DP2; tokens/s is the
-   global batch's tokens over the median of the timed steps (after warm-up steps).
-3. Prediction: training/plan/performance.py's predict() for each layout, with the measured entry
-   and DeepSpeed's engine (the planner's choice), nothing fitted to the runs.
+   4 and 8 micro-batches (the bubble shrinks from 1/2 to 1/9), TP2 and DP2, one launch of 2
+   processes each; tokens/s is the global batch's tokens over the median of the timed steps
+   (after warm-up steps).
+2. Rates: in each launch, just before and just after its timed steps (the machine is shared with
+   other jobs, so the rates are those the steps saw), the two processes (one torch thread each,
+   2 processes on 2 cores) measure at the same time the fp32 matmul rate at that layout's dense
+   GEMM shapes (its micro-batch, its TP split), the memory bandwidth (a streaming add), the rate
+   of the model's own eager elementwise kernels (forward and backward, in the bytes
+   performance.py counts for them), and gloo's all-reduce and point-to-point bandwidth and
+   latency between them (time = latency + bytes / bandwidth, fitted over message sizes). The
+   mean of the two probes of both ranks is written as a hardware YAML (OUT/cpu-measured-*.yaml,
+   the keys of configs/hardware/cpu.yaml, which launcher.gpu_type accepts as a path), each rate
+   converted the way training/plan/performance.py reads it back (its efficiency constants
+   divided out), so the model sees exactly the measured rates.
+3. Prediction: training/plan/performance.py's predict() for each layout with that entry and
+   DeepSpeed's engine (the planner's choice); nothing is fitted to the runs.
 
 Printed: one table, layout, micro-batches, measured and predicted tokens/s, their ratio, and
-whether within 20%; and the measured rates. Nothing is asserted: the README keeps the table.
+whether within 20%; the load average; each launch's rates. Nothing is asserted: the README keeps
+the table.
 """
 import argparse
 import json
@@ -42,7 +47,6 @@ from tests.multiprocess import run_processes  # noqa: E402
 from training.plan import performance  # noqa: E402
 
 TOLERANCE = 0.20
-PAIR = Topology(1, 1, 2)  # the rate probes: 2 processes, no model parallelism needed
 
 
 def parse_args(argv=None):
@@ -52,9 +56,9 @@ def parse_args(argv=None):
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--global-batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per layout (median counts)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per layout (median counts)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per layout first")
-    parser.add_argument("--probe-seconds", type=float, default=0.5, help="time spent on each rate probe")
+    parser.add_argument("--probe-seconds", type=float, default=0.2, help="time spent on each rate probe")
     parser.add_argument("--out", default=None, help="folder for the measured YAML and results (default: a temp dir)")
     return parser.parse_args(argv)
 
@@ -101,6 +105,37 @@ def _memory_gbs(seconds) -> float:
     return 3 * a.numel() * 4 / _timed(lambda: torch.add(a, b, out=c), seconds) / 1e9
 
 
+def _elementwise_gbs(hidden, heads, seq, micro, seconds) -> float:
+    """The model's own eager elementwise kernels on one micro-batch, forward and backward: two
+    LayerNorms, two bias-adds with the residual, the bias-GeLU, the Q/K/V and context layout
+    copies, the attention's scale + ALiBi + causal mask + softmax; in the bytes performance.py
+    (section 2, no dropout, TP 1, fp32) counts for them, forward and backward."""
+    from training.model.alibi import relative_alibi_bias
+    from training.model.kernels import bias_gelu_eager, causal_mask
+
+    head_dim = hidden // heads
+    x = torch.randn(micro, seq, hidden, requires_grad=True)
+    norm, bias = torch.nn.LayerNorm(hidden), torch.zeros(hidden, requires_grad=True)
+    ffn, ffn_bias = torch.randn(micro, seq, 4 * hidden, requires_grad=True), torch.zeros(4 * hidden, requires_grad=True)
+    qkv = torch.randn(micro, seq, heads, 3, head_dim, requires_grad=True)
+    context = torch.randn(micro, heads, seq, head_dim, requires_grad=True)
+    scores = torch.randn(micro, heads, seq, seq, requires_grad=True)
+    slopes, mask = torch.rand(heads), causal_mask(seq, "cpu")
+
+    def block():
+        outs = [norm(x), norm(x), x + (x + bias), x + (x + bias), bias_gelu_eager(ffn, ffn_bias)]
+        outs += [qkv[:, :, :, i].transpose(1, 2).contiguous() for i in range(3)]
+        outs.append(context.transpose(1, 2).reshape(micro, seq, hidden))
+        biased = scores / head_dim ** 0.5 + relative_alibi_bias(slopes, seq)
+        outs.append(torch.softmax(biased.masked_fill(mask, torch.finfo(torch.float32).min), dim=-1))
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+    u, a = micro * seq * hidden, heads * seq * seq * micro
+    forward_bytes = 4 * (4 * u + 5 * u + 8 * u + 8 * u + 2 * a)
+    dist.barrier()
+    return (1 + performance.ELEMENTWISE_BACKWARD) * forward_bytes / _timed(block, seconds) / 1e9
+
+
 def _fit_latency_bandwidth(sizes, times) -> tuple:
     """Least squares time = latency + bytes / bandwidth; (latency s, bandwidth GB/s)."""
     n = len(sizes)
@@ -109,7 +144,7 @@ def _fit_latency_bandwidth(sizes, times) -> tuple:
     return max(0.0, my - slope * mx), 1 / slope / 1e9
 
 
-SIZES = [2 ** k for k in range(12, 25, 2)]  # 4 KiB .. 16 MiB
+SIZES = [2 ** k for k in range(12, 25, 4)]  # 4 KiB .. 16 MiB
 
 
 def _allreduce(rank, seconds):
@@ -139,41 +174,45 @@ def _p2p(rank, seconds):
     return _fit_latency_bandwidth(SIZES, times)
 
 
-def _rates_worker(rank, hidden, tokens, seconds, out):
-    matmul = _matmul_rates(dense_shapes(hidden, tokens), seconds)
-    memory = _memory_gbs(seconds)
-    allreduce = _allreduce(rank, seconds)
-    p2p = _p2p(rank, seconds)
-    with open(f"{out}.{rank}", "w") as f:
-        json.dump({"matmul_tflops": matmul, "memory_gbs": memory, "allreduce": allreduce, "p2p": p2p}, f)
+def probe(hidden: int, heads: int, seq: int, micro: int, tp: int, seconds: float) -> dict:
+    """This process's rates, measured with its peer at the same time (both ranks call it): the
+    dense matmuls at this layout's shapes, the memory, the model's elementwise kernels, gloo."""
+    shapes = [s for s in dense_shapes(hidden, seq * micro) if s in dense_shapes_at(hidden, seq * micro, tp)]
+    rank = dist.get_rank()
+    return {"shapes": shapes, "matmul_tflops": _matmul_rates(shapes, seconds), "memory_gbs": _memory_gbs(seconds),
+            "elementwise_gbs": _elementwise_gbs(hidden, heads, seq, micro, seconds),
+            "allreduce": _allreduce(rank, seconds), "p2p": _p2p(rank, seconds)}
 
 
-def measure_rates(args, out_dir: Path) -> dict:
-    out = out_dir / "rates.json"
-    tokens = args.seq * max(1, args.global_batch // 8)  # a micro-batch's rows at the middle micro-batch size
-    run_processes(_rates_worker, PAIR, args.hidden, tokens, args.probe_seconds, str(out))
-    per_rank = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
-    shapes = dense_shapes(args.hidden, tokens)
-    # each process's rate: both ran at once, so the mean of the two is one process's share of the machine
-    matmul = [sum(r["matmul_tflops"][i] for r in per_rank) / 2 for i in range(len(shapes))]
+def dense_shapes_at(hidden: int, tokens: int, tp: int) -> list:
+    return dense_shapes(hidden, tokens)[:4] if tp == 1 else dense_shapes(hidden, tokens)[4:]
+
+
+def combine(probes: list) -> dict:
+    """One process's rates from every rank's probes (before and after the steps): the mean."""
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
     return {
-        "shapes": shapes, "matmul_tflops": matmul,
-        "memory_gbs": sum(r["memory_gbs"] for r in per_rank) / 2,
-        "allreduce_latency_s": per_rank[0]["allreduce"][0], "allreduce_gbs": per_rank[0]["allreduce"][1],
-        "p2p_latency_s": per_rank[0]["p2p"][0], "p2p_gbs": per_rank[0]["p2p"][1],
+        "shapes": probes[0]["shapes"],
+        "matmul_tflops": [mean([p["matmul_tflops"][i] for p in probes]) for i in range(len(probes[0]["shapes"]))],
+        "memory_gbs": mean([p["memory_gbs"] for p in probes]),
+        "elementwise_gbs": mean([p["elementwise_gbs"] for p in probes]),
+        "allreduce_latency_s": mean([p["allreduce"][0] for p in probes]),
+        "allreduce_gbs": mean([p["allreduce"][1] for p in probes]),
+        "p2p_latency_s": mean([p["p2p"][0] for p in probes]), "p2p_gbs": mean([p["p2p"][1] for p in probes]),
     }
 
 
 def hardware_yaml(rates: dict, path: Path) -> Path:
     """The measured rates as a catalogue entry, converted the way performance.py reads each key."""
     # predict() runs a GEMM at peak x eta(n, k): the peak is the measured rate with eta divided out
-    # (the median over the model's shapes, so neither TP's shapes decide alone).
+    # (the median over the layout's four dense shapes).
     peak = statistics.median(r / performance._eta(n, k) for r, (_, n, k) in zip(rates["matmul_tflops"], rates["shapes"]))
     entry = {
         "name": "cpu-measured",
         "peak_tflops": {"fp16": None, "bf16": None, "fp32": round(peak, 5)},
         "memory_gib": round(_host_memory_gib(), 1),
         "hbm_gbs": round(rates["memory_gbs"] / performance.ETA_HBM, 3),
+        "elementwise_gbs": round(rates["elementwise_gbs"], 3),  # read as is (performance.py section 2)
         # an all-reduce over 2 ranks moves the message once each way: link one-way = bytes / time;
         # performance.py reads nvlink_gbs as both directions together, times ETA_LINK
         "nvlink_gbs": round(2 * rates["allreduce_gbs"] / performance.ETA_LINK, 3),
@@ -196,7 +235,7 @@ def _host_memory_gib() -> float:
 # ---------------------------------------------------------------- 2. runs
 def layouts(global_batch: int) -> list:
     """(name, topology, micro-batch size): PP2 at 1, 2, 4, 8 micro-batches, TP2, DP2, one global batch."""
-    rows = [(f"PP2", Topology(1, 2, 1), global_batch // m) for m in (1, 2, 4, 8) if global_batch % m == 0]
+    rows = [("PP2", Topology(1, 2, 1), global_batch // m) for m in (1, 2, 4, 8) if global_batch % m == 0]
     half = max(1, global_batch // 2)
     rows += [("TP2", Topology(2, 1, 1), half), ("DP2", Topology(1, 1, 2), half)]
     return rows
@@ -209,26 +248,34 @@ def overrides(args, topo: Topology, micro: int) -> list:
             "parallel.zero_stage=1", "trainer.precision=fp32"]
 
 
-def _train_worker(rank, topo, override, warmup, steps, out):
+def _train_worker(rank, topo, override, args, micro, out):
+    """Warm-up steps, the rates, the timed steps, the rates again: the machine is shared, so the
+    rates the prediction uses are measured by these processes around the steps they predict."""
     from tests.train_steps import make_engine, train
 
     cfg, engine = make_engine(override, topo)
-    train(cfg, engine, topo, 0, warmup)
+    train(cfg, engine, topo, 0, args.warmup)
+    probes = [probe(args.hidden, args.heads, args.seq, micro, topo.tp, args.probe_seconds)]
     times = []
-    for step in range(warmup, warmup + steps):
+    for step in range(args.warmup, args.warmup + args.steps):
         dist.barrier()
         start = time.perf_counter()
         train(cfg, engine, topo, step, 1)
         dist.barrier()
         times.append(time.perf_counter() - start)
+    probes.append(probe(args.hidden, args.heads, args.seq, micro, topo.tp, args.probe_seconds))
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, probes)
     if rank == 0:
-        Path(out).write_text(json.dumps(times))
+        Path(out).write_text(json.dumps({"times": times, "probes": [p for ps in every for p in ps]}))
 
 
-def measure_run(args, topo: Topology, micro: int, out: Path) -> float:
-    """Tokens/s of the engine at this layout: the global batch's tokens over the median step."""
-    run_processes(_train_worker, topo, topo, overrides(args, topo, micro), args.warmup, args.steps, str(out))
-    return args.global_batch * args.seq / statistics.median(json.loads(out.read_text()))
+def measure_run(args, topo: Topology, micro: int, out: Path) -> tuple:
+    """(tokens/s of the engine at this layout: the global batch's tokens over the median step,
+    the rates measured around the steps)."""
+    run_processes(_train_worker, topo, topo, overrides(args, topo, micro), args, micro, str(out))
+    got = json.loads(out.read_text())
+    return args.global_batch * args.seq / statistics.median(got["times"]), combine(got["probes"]), got["times"]
 
 
 # ---------------------------------------------------------------- 3. prediction
@@ -259,36 +306,37 @@ def run(args) -> dict:
     out_dir = Path(args.out or tempfile.mkdtemp(prefix="bench_plan_cpu."))
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    rates = measure_rates(args, out_dir)
-    gpu = load_gpu(str(hardware_yaml(rates, out_dir / "cpu-measured.yaml")))
     rows = []
     for name, topo, micro in layouts(args.global_batch):
-        measured = measure_run(args, topo, micro, out_dir / f"{name}-mbs{micro}.json")
-        pred = predict_run(args, topo, micro, gpu)
+        m = args.global_batch // (micro * topo.dp)
+        measured, rates, times = measure_run(args, topo, micro, out_dir / f"{name}-m{m}.json")
+        entry = hardware_yaml(rates, out_dir / f"cpu-measured-{name}-m{m}.yaml")
+        pred = predict_run(args, topo, micro, load_gpu(str(entry)))
         ratio = pred.tokens_per_sec / measured
-        rows.append({"layout": name, "micro_batches": args.global_batch // (micro * topo.dp), "micro_batch_size": micro,
-                     "measured": measured, "predicted": pred.tokens_per_sec, "ratio": ratio,
-                     "within": abs(ratio - 1) <= TOLERANCE, "parts_s": pred.parts_s})
-    result = {"rates": rates, "hardware": str(out_dir / "cpu-measured.yaml"), "rows": rows,
-              "spread": max(r["measured"] for r in rows) / min(r["measured"] for r in rows),
+        rows.append({"layout": name, "micro_batches": m, "micro_batch_size": micro, "measured": measured,
+                     "predicted": pred.tokens_per_sec, "ratio": ratio, "within": abs(ratio - 1) <= TOLERANCE,
+                     "step_times_s": times, "rates": rates, "hardware": str(entry), "parts_s": pred.parts_s})
+    result = {"rows": rows, "spread": max(r["measured"] for r in rows) / min(r["measured"] for r in rows),
               "seconds": time.perf_counter() - start, "load_average": os.getloadavg()}
     (out_dir / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
 
+def _rates_line(r: dict) -> str:
+    return (f"matmul {min(r['matmul_tflops']):.3f}-{max(r['matmul_tflops']):.3f} TFLOP/s, memory {r['memory_gbs']:.1f} GB/s, "
+            f"elementwise {r['elementwise_gbs']:.2f} GB/s, all-reduce {r['allreduce_gbs']:.2f} GB/s "
+            f"+ {r['allreduce_latency_s'] * 1e6:.0f} us, p2p {r['p2p_gbs']:.2f} GB/s + {r['p2p_latency_s'] * 1e6:.0f} us")
+
+
 def report(result: dict, args) -> str:
-    r = result["rates"]
-    rates = (f"measured: fp32 matmul {min(r['matmul_tflops']):.3f}-{max(r['matmul_tflops']):.3f} TFLOP/s per process "
-             f"(dense shapes at TP 1-2), memory {r['memory_gbs']:.2f} GB/s per process, gloo all-reduce "
-             f"{r['allreduce_gbs']:.2f} GB/s + {r['allreduce_latency_s'] * 1e6:.0f} us, p2p "
-             f"{r['p2p_gbs']:.2f} GB/s + {r['p2p_latency_s'] * 1e6:.0f} us")
     model = (f"model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, seq {args.seq}, "
-             f"global batch {args.global_batch}, fp32, ZeRO-1; median of {args.steps} steps after {args.warmup}")
+             f"global batch {args.global_batch}, fp32, ZeRO-1; median of {args.steps} steps after {args.warmup}; "
+             f"rates per process, measured around each layout's steps")
     within = sum(row["within"] for row in result["rows"])
     tail = (f"{within}/{len(result['rows'])} within 20%; measured spread {result['spread']:.2f}x; "
-            f"{result['seconds']:.0f} s; load average {', '.join(f'{x:.2f}' for x in result['load_average'])}; "
-            f"entry {result['hardware']}")
-    return "\n".join([model, rates, table(result["rows"]), tail])
+            f"{result['seconds']:.0f} s; load average {', '.join(f'{x:.2f}' for x in result['load_average'])}")
+    rates = [f"  {r['layout']} m={r['micro_batches']}: {_rates_line(r['rates'])}" for r in result["rows"]]
+    return "\n".join([model, table(result["rows"]), tail, "rates (entries: " + str(Path(result["rows"][0]["hardware"]).parent) + "):"] + rates)
 
 
 def main(argv=None) -> None:

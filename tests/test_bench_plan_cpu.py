@@ -1,5 +1,5 @@
-"""benchmarks/bench_plan_cpu.py's whole code path on a tiny shape, one timed step per layout: the rate
-probes write a hardware YAML that the catalogue loader accepts, every layout (PP2 at 1, 2, 4, 8
+"""benchmarks/bench_plan_cpu.py's whole code path on a tiny shape, one timed step per layout: each
+launch's rate probes write a hardware YAML that the catalogue loader accepts, every layout (PP2 at 1, 2, 4, 8
 micro-batches, TP2, DP2) is trained by the engine and predicted, and the table has a row for each.
 No timing is asserted (the machine is shared): the benchmark's numbers are the README's."""
 import math
@@ -16,9 +16,10 @@ TINY_ARGS = ["--hidden", "64", "--layers", "2", "--heads", "4", "--seq", "32", "
 def test_benchmark_prints_every_row(tmp_path):
     args = bench_plan_cpu.parse_args(TINY_ARGS + ["--out", str(tmp_path)])
     result = bench_plan_cpu.run(args)
-    gpu = load_gpu(result["hardware"])  # the measured entry is a valid catalogue file
-    assert gpu.peak("fp32") > 0 and gpu.hbm_gbs > 0 and gpu.nvlink_gbs > 0
-    assert yaml.safe_load(open(result["hardware"]))["name"] == "cpu-measured"
+    for row in result["rows"]:
+        gpu = load_gpu(row["hardware"])  # each launch's measured entry is a valid catalogue file
+        assert gpu.peak("fp32") > 0 and gpu.hbm_gbs > 0 and gpu.nvlink_gbs > 0 and gpu.elementwise_gbs > 0
+        assert yaml.safe_load(open(row["hardware"]))["name"] == "cpu-measured"
     rows = [(r["layout"], r["micro_batches"]) for r in result["rows"]]
     assert rows == [("PP2", 1), ("PP2", 2), ("PP2", 4), ("PP2", 8), ("TP2", 2), ("DP2", 1)]
     for row in result["rows"]:

@@ -15,6 +15,10 @@ from training.config.loader import ConfigError
 
 CATALOGUE_DIR = Path(configs.__file__).parent / "hardware"
 KEYS = ("name", "peak_tflops", "memory_gib", "hbm_gbs", "nvlink_gbs", "network_gbs", "gpus_per_node")
+# elementwise_gbs: the rate of the model's elementwise kernels (LayerNorm, GeLU, softmax, ...) in the
+# bytes performance.py counts for them, where they do not stream at the memory's rate (a CPU core
+# computing tanh and exp); absent on GPUs, whose elementwise kernels are memory-bound.
+OPTIONAL_KEYS = ("elementwise_gbs",)
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,7 @@ class GPU:
     nvlink_gbs: float  # data sheet's figure: both directions together
     network_gbs: float  # per GPU, one direction
     gpus_per_node: int
+    elementwise_gbs: Optional[float] = None  # None: memory-bound (hbm_gbs x performance.ETA_HBM)
 
     def peak(self, precision: str) -> Optional[float]:
         """Dense peak TFLOP/s at a training precision; None if the part has no unit for it."""
@@ -55,15 +60,16 @@ def load_gpu(gpu_type: str) -> GPU:
     except yaml.YAMLError as error:
         raise ConfigError(f"launcher.gpu_type={gpu_type}: {path} is not valid YAML ({error})") from None
     missing = [k for k in KEYS if k not in raw]
-    unknown = [k for k in raw if k not in KEYS]
+    unknown = [k for k in raw if k not in KEYS + OPTIONAL_KEYS]
     if missing or unknown:
         raise ConfigError(f"launcher.gpu_type={gpu_type}: {path} "
                           + (f"lacks {', '.join(missing)}" if missing else f"has unknown keys {', '.join(unknown)}"))
     peaks = {str(k): (None if v is None else float(v)) for k, v in dict(raw["peak_tflops"]).items()}
     gpu = GPU(str(raw["name"]), peaks, float(raw["memory_gib"]), float(raw["hbm_gbs"]),
-              float(raw["nvlink_gbs"]), float(raw["network_gbs"]), int(raw["gpus_per_node"]))
-    for key in ("memory_gib", "hbm_gbs", "nvlink_gbs", "network_gbs", "gpus_per_node"):
-        if getattr(gpu, key) <= 0:
+              float(raw["nvlink_gbs"]), float(raw["network_gbs"]), int(raw["gpus_per_node"]),
+              None if raw.get("elementwise_gbs") is None else float(raw["elementwise_gbs"]))
+    for key in ("memory_gib", "hbm_gbs", "nvlink_gbs", "network_gbs", "gpus_per_node", "elementwise_gbs"):
+        if getattr(gpu, key) is not None and getattr(gpu, key) <= 0:
             raise ConfigError(f"launcher.gpu_type={gpu_type}: {key}={getattr(gpu, key)} must be positive")
     if not any(v for v in peaks.values()):
         raise ConfigError(f"launcher.gpu_type={gpu_type}: peak_tflops gives no precision a rate")

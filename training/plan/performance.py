@@ -32,7 +32,11 @@ model chunks per stage (1 = plain 1F1B), byte width w (2 in 16 bits, 4 in fp32).
      + 3.5u, Q/K/V and context layout copies 8c, fused bias-GeLU on 4c (read, write) 8c,
      fused scale-mask-softmax read + write 2A, attention dropout read, write and mask 2.5A
      (without dropout those terms vanish),
-   at HBM x ETA_HBM. Backward moves ELEMENTWISE_BACKWARD times the forward's bytes (it reads the
+   at HBM x ETA_HBM: on GPUs these kernels are memory-bound. Where they are not (one CPU core
+   computing tanh, exp and the LayerNorm statistics runs far below the memory's bandwidth), the
+   catalogue entry gives their rate, `elementwise_gbs`, in the bytes counted here, and it replaces
+   HBM x ETA_HBM for this section's terms (benchmarks/bench_plan_cpu.py measures it by running the
+   model's own eager kernels, forward and backward, on one micro-batch). Backward moves ELEMENTWISE_BACKWARD times the forward's bytes (it reads the
    saved input and the incoming gradient and writes the outgoing one, LayerNorm twice).
 3. Tensor-parallel collectives (Megatron's f/g operators, Shoeybi et al. 2019 Fig. 3): per layer
    2 all-reduces of b s h w bytes in forward and 2 in backward (2 more in a recomputed forward),
@@ -188,6 +192,12 @@ def _hbm_time(nbytes: float, gpu: GPU) -> float:
     return nbytes / (gpu.hbm_gbs * 1e9 * ETA_HBM)
 
 
+def _elementwise_time(nbytes: float, gpu: GPU) -> float:
+    """Section 2's kernels: at the memory's rate, or at the catalogue's elementwise_gbs where they
+    are compute-bound (a CPU core)."""
+    return _hbm_time(nbytes, gpu) if gpu.elementwise_gbs is None else nbytes / (gpu.elementwise_gbs * 1e9)
+
+
 def _link_gbs(gpu: GPU, inside_node: bool, ranks_per_node: int = 1) -> float:
     if inside_node:
         return gpu.nvlink_one_way_gbs * ETA_LINK
@@ -214,7 +224,7 @@ def layer_times(shape: Shape, lay: Layout, gpu: GPU, peak: float, width: int) ->
     c = tokens * h / t
     hidden_dropout = 1.0 if shape.hidden_dropout else 0.0
     ew = (4 * u + 2 * (2.5 + hidden_dropout) * u + 8 * c + 8 * c) * width
-    return {"dense": dense, "core": core_mm + _hbm_time(core_ew, gpu), "elementwise": _hbm_time(ew, gpu)}
+    return {"dense": dense, "core": core_mm + _elementwise_time(core_ew, gpu), "elementwise": _elementwise_time(ew, gpu)}
 
 
 def predict(shape: Shape, lay: Layout, gpu: GPU, gpus_per_node: Optional[int] = None,
@@ -248,7 +258,7 @@ def predict(shape: Shape, lay: Layout, gpu: GPU, gpus_per_node: Optional[int] = 
 
     counts = list(lay.layers_per_stage) if lay.layers_per_stage else _split(shape.layers, p)
     logits = gemm_time(s * b, shape.vocab / t, h, gpu, peak, width) * 3
-    logits += _hbm_time(s * b * shape.vocab / t * (width + 4) * 2, gpu)  # softmax / cross entropy in fp32
+    logits += _elementwise_time(s * b * shape.vocab / t * (width + 4) * 2, gpu)  # softmax / cross entropy in fp32
     stage_times = []
     for i, layers in enumerate(counts):
         time = layers * (layer_fwd_bwd + tp_layer)
