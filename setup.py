@@ -44,7 +44,13 @@ setup(
         "matplotlib",  # bloom-plot
         "msgpack>=1",  # bloom-export --flax writes flax_model.msgpack (training/hf/flax_export.py)
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        # lm-evaluation-harness for bloom-eval --tasks and trainer.eval_tasks
+        # (training/evaluation/harness.py follows its 0.4.13 HF model, hence the exact pin).
+        "eval": ["lm-eval==0.4.13"],
+        # [hf]: tests/test_harness.py compares with lm_eval's own HF model on the export.
+        "test": ["pytest>=8", "lm-eval[hf]==0.4.13"],
+    },
     entry_points={
         "console_scripts": [
             "bloom-train=launch.train_cli:main",
