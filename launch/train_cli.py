@@ -68,6 +68,8 @@ def launch(cfg, argv) -> int:
                     "submit it with bloom-slurm, or start it under torchrun or srun")
     elif not cfg.trainer.dry_run and procs_per_node(cfg) > 1:
         validate(cfg, trains_here=True)  # one line here, not one traceback per rank
+        from training.evaluation.harness_tasks import check_eval_tasks
+        check_eval_tasks(cfg)  # trainer.eval_tasks' task names too
         return relaunch_with_torchrun(procs_per_node(cfg), argv,
                                       log_dir=os.path.join(cfg.trainer.run_dir, "logs", "ranks"))
     if cfg.trainer.dry_run:

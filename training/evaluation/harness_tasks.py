@@ -19,11 +19,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from training.config.loader import ConfigError
+
 BOOTSTRAP_ITERS = 1000  # stderr of the non-mean metrics (perplexities); lm_eval's default 100000 takes minutes
 
 
-class HarnessConfigError(ValueError):
-    """A task list, include path or limit the harness cannot run; one line."""
+class HarnessConfigError(ConfigError):
+    """A task list, include path or limit the harness cannot run; one line (bloom-train and
+    bloom-eval print it as their error)."""
 
 
 def task_manager(include_path: Optional[str], tasks: List[str] = ()):
@@ -56,6 +59,18 @@ def check_tasks(tasks: List[str], include_path: Optional[str], limit=None):
         where = f" (include path {include_path})" if include_path else " (pass --include-path for local task YAMLs)"
         raise HarnessConfigError(f"unknown harness task(s) {', '.join(unknown)}{where}")
     return manager
+
+
+def check_eval_tasks(cfg):
+    """trainer.eval_tasks is runnable (called before a job's ranks start, and by each rank); the
+    TaskManager, or None when no tasks are set."""
+    settings = cfg.trainer.eval_tasks
+    if not settings.tasks:
+        return None
+    if settings.interval < 1 or settings.batch_size < 1:
+        raise HarnessConfigError(f"trainer.eval_tasks.interval={settings.interval} and batch_size="
+                                 f"{settings.batch_size} must be positive")
+    return check_tasks(list(settings.tasks), settings.include_path, settings.limit)
 
 
 @contextlib.contextmanager
@@ -172,7 +187,7 @@ class TrainingHarness:
 
         settings = cfg.trainer.eval_tasks
         self.settings, self.run_dir = settings, Path(cfg.trainer.run_dir)
-        self.manager = check_tasks(list(settings.tasks), settings.include_path, settings.limit)
+        self.manager = check_eval_tasks(cfg)
         self.lm = BloomHarnessLM(StageForward.of_engine(engine), TokenizerInfo(tokenizer_dir),
                                  max_length=cfg.data.seq_length, batch_size=settings.batch_size)
         self.engine = engine
