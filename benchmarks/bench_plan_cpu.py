@@ -23,8 +23,9 @@ layouts of a small BLOOM on this CPU machine, in one run.
 3. Prediction: training/plan/performance.py's predict() for each layout with that entry and
    DeepSpeed's engine (the planner's choice); nothing is fitted to the runs.
 
-Printed: one table, layout, micro-batches, measured and predicted tokens/s, their ratio, and
-whether within 20%; the load average; each launch's rates. Nothing is asserted: the README keeps
+Printed: one table, layout, micro-batches, measured and predicted tokens/s, their ratio,
+whether within 20%, and the share of the steps the processes waited for a core (the kernel's
+schedstat: other jobs' load, near 0 on a quiet machine); the load average; each launch's rates. Nothing is asserted: the README keeps
 the table.
 """
 import argparse
@@ -256,18 +257,31 @@ def _train_worker(rank, topo, override, args, micro, out):
     cfg, engine = make_engine(override, topo)
     train(cfg, engine, topo, 0, args.warmup)
     probes = [probe(args.hidden, args.heads, args.seq, micro, topo.tp, args.probe_seconds)]
-    times = []
+    times, waited = [], 0.0
     for step in range(args.warmup, args.warmup + args.steps):
         dist.barrier()
-        start = time.perf_counter()
+        start, wait = time.perf_counter(), _runqueue_wait_s()
         train(cfg, engine, topo, step, 1)
         dist.barrier()
         times.append(time.perf_counter() - start)
+        waited += _runqueue_wait_s() - wait
     probes.append(probe(args.hidden, args.heads, args.seq, micro, topo.tp, args.probe_seconds))
     every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, probes)
+    dist.all_gather_object(every, (probes, waited / sum(times)))
     if rank == 0:
-        Path(out).write_text(json.dumps({"times": times, "probes": [p for ps in every for p in ps]}))
+        Path(out).write_text(json.dumps({"times": times, "probes": [p for ps, _ in every for p in ps],
+                                         "cpu_wait": sum(w for _, w in every) / len(every)}))
+
+
+def _runqueue_wait_s() -> float:
+    """Seconds this thread (torch's one compute thread) has waited for a core while runnable:
+    the kernel's schedstat. Near 0 on a quiet machine; the share of a step it grows to says how
+    much other jobs took from this run."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def measure_run(args, topo: Topology, micro: int, out: Path) -> tuple:
@@ -275,7 +289,7 @@ def measure_run(args, topo: Topology, micro: int, out: Path) -> tuple:
     the rates measured around the steps)."""
     run_processes(_train_worker, topo, topo, overrides(args, topo, micro), args, micro, str(out))
     got = json.loads(out.read_text())
-    return args.global_batch * args.seq / statistics.median(got["times"]), combine(got["probes"]), got["times"]
+    return args.global_batch * args.seq / statistics.median(got["times"]), combine(got["probes"]), got
 
 
 # ---------------------------------------------------------------- 3. prediction
@@ -292,11 +306,13 @@ def predict_run(args, topo: Topology, micro: int, gpu) -> performance.Prediction
 
 
 def table(rows: list) -> str:
-    lines = [f"{'layout':<7} {'micro-batches':>13} {'measured tok/s':>15} {'predicted tok/s':>16} {'ratio':>6}  within 20%",
-             "-" * 72]
+    """The README's table; cpu wait: the share of the timed steps the processes spent runnable but
+    waiting for a core (other jobs on the machine), the measurement's own noise."""
+    lines = [f"{'layout':<7} {'micro-batches':>13} {'measured tok/s':>15} {'predicted tok/s':>16} {'ratio':>6}  "
+             f"within 20%  cpu wait", "-" * 82]
     for r in rows:
         lines.append(f"{r['layout']:<7} {r['micro_batches']:>13} {r['measured']:>15.1f} {r['predicted']:>16.1f} "
-                     f"{r['ratio']:>6.2f}  {'yes' if r['within'] else 'NO'}")
+                     f"{r['ratio']:>6.2f}  {'yes' if r['within'] else 'NO':<10}  {r['cpu_wait']:>7.0%}")
     return "\n".join(lines)
 
 
@@ -309,13 +325,13 @@ def run(args) -> dict:
     rows = []
     for name, topo, micro in layouts(args.global_batch):
         m = args.global_batch // (micro * topo.dp)
-        measured, rates, times = measure_run(args, topo, micro, out_dir / f"{name}-m{m}.json")
+        measured, rates, got = measure_run(args, topo, micro, out_dir / f"{name}-m{m}.json")
         entry = hardware_yaml(rates, out_dir / f"cpu-measured-{name}-m{m}.yaml")
         pred = predict_run(args, topo, micro, load_gpu(str(entry)))
         ratio = pred.tokens_per_sec / measured
         rows.append({"layout": name, "micro_batches": m, "micro_batch_size": micro, "measured": measured,
                      "predicted": pred.tokens_per_sec, "ratio": ratio, "within": abs(ratio - 1) <= TOLERANCE,
-                     "step_times_s": times, "rates": rates, "hardware": str(entry), "parts_s": pred.parts_s})
+                     "step_times_s": got["times"], "cpu_wait": got["cpu_wait"], "rates": rates, "hardware": str(entry), "parts_s": pred.parts_s})
     result = {"rows": rows, "spread": max(r["measured"] for r in rows) / min(r["measured"] for r in rows),
               "seconds": time.perf_counter() - start, "load_average": os.getloadavg()}
     (out_dir / "result.json").write_text(json.dumps(result, indent=2))
