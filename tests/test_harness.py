@@ -86,7 +86,9 @@ def trained(tmp_path_factory, data_cache, tasks_dir):  # noqa: F811
     run(["launch.train_cli", *TINY_RUN, f"trainer.run_dir={run_dir}", f"data.cache_dir={data_cache}",
          "parallel.pp=2", "launcher.nproc_per_node=4", "trainer.train_iters=4", "trainer.save_interval=4",
          f"trainer.eval_tasks.tasks=[{','.join(TASKS)}]", "trainer.eval_tasks.interval=2",
-         f"trainer.eval_tasks.include_path={tasks_dir}", "trainer.eval_tasks.batch_size=5"])
+         f"trainer.eval_tasks.include_path={tasks_dir}", "trainer.eval_tasks.batch_size=5",
+         # BLOOM trains without dropout; with it, a harness run in training mode would show.
+         "model.hidden_dropout=0.1", "model.attention_dropout=0.1"])
     return run_dir
 
 
