@@ -31,18 +31,21 @@ from tests.test_launch_slurm import (FINISHED, REPO, START, TEST_CLUSTER, _clust
 
 NODES = ("bloomnode1", "bloomnode2", "bloomnode3")  # start_cluster.sh --nodes 3
 ITERS, SAVE = 200, 50
-TIMEOUT_S = 20  # parallel.collective_timeout_s: a beat every 2 s, a survey of 6 s
+TIMEOUT_S = 20  # parallel.collective_timeout_s of the SIGSTOP run: a beat every 2 s, a survey of 6 s
+# The node-loss job's: longer, so that a step slowed by a loaded machine is never taken for a
+# hang (a killed node's peers fail at once anyway); a beat every 4 s, a survey of 12 s.
+LOSS_TIMEOUT_S = 40
 STEP_WAIT_S = 10  # bloom-slurm --step-wait: srun waits this long for a lost node's task
-# How long a job may take to end once a node is lost: the survey (6 s; a killed node's sockets
-# close, so its peers fail at once; a silent one would add TIMEOUT_S), srun's --wait, srun's
+# How long a job may take to end once a node is lost: the survey (12 s; a killed node's sockets
+# close, so its peers fail at once; a silent one would add LOSS_TIMEOUT_S), srun's --wait, srun's
 # step abort (KillWait 5 s + 2), the exit record, and a wide margin for 2 shared cores.
-END_BOUND_S = 6 + STEP_WAIT_S + 7 + 60
+END_BOUND_S = 12 + STEP_WAIT_S + 7 + 60
 START_TIMEOUT_S = 240
 # torchrun gives each of several processes on a node one thread, a single one all of them: the
 # job (one process per node) and the reference (two on one node) must do the same arithmetic.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 RUN = [*TINY_RUN, f"trainer.train_iters={ITERS}", f"trainer.save_interval={SAVE}",
-       f"parallel.collective_timeout_s={TIMEOUT_S}"]
+       f"parallel.collective_timeout_s={LOSS_TIMEOUT_S}"]
 
 
 def _up_nodes() -> set:
