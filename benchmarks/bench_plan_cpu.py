@@ -12,7 +12,9 @@ layouts of a small BLOOM on this CPU machine, in one run.
 2. Rates: in each launch, just before and just after its timed steps (the machine is shared with
    other jobs, so the rates are those the steps saw), the two processes (one torch thread each,
    2 processes on 2 cores) measure at the same time the fp32 matmul rate at that layout's dense
-   GEMM shapes (its micro-batch, its TP split), the memory bandwidth (a streaming add), the rate
+   GEMM shapes (its micro-batch, its TP split), then each alone (its peer waiting in gloo, as an
+   idle pipeline stage does: the ratio is performance.py's solo_speedup, section 7), the memory
+   bandwidth (a streaming add), the rate
    of the model's own eager elementwise kernels (forward and backward, in the bytes
    performance.py counts for them), and gloo's all-reduce and point-to-point bandwidth and
    latency between them (time = latency + bytes / bandwidth, fitted over message sizes). The
@@ -99,6 +101,27 @@ def _matmul_rates(shapes, seconds):
     return rates
 
 
+def _solo_speedup(shapes, concurrent, seconds) -> float:
+    """This process's matmul rate alone (its peer waits in a gloo barrier, as an idle pipeline
+    stage waits in a gloo receive) over its rate with the peer multiplying too, at the same shapes."""
+    rank, ratios = dist.get_rank(), []
+    for turn in range(dist.get_world_size()):
+        dist.barrier()
+        if rank == turn:
+            for (m, n, k), rate in zip(shapes, concurrent):
+                a, b = torch.randn(m, k), torch.randn(k, n)
+                torch.mm(a, b)
+                times = []
+                start = time.perf_counter()
+                while time.perf_counter() - start < seconds or len(times) < 3:
+                    t0 = time.perf_counter()
+                    torch.mm(a, b)
+                    times.append(time.perf_counter() - t0)
+                ratios.append(2 * m * n * k / statistics.median(times) / 1e12 / rate)
+        dist.barrier()
+    return statistics.median(ratios)
+
+
 def _memory_gbs(seconds) -> float:
     """A streaming add over 64 MiB operands: read two, write one."""
     a, b, c = (torch.ones(16 * 2 ** 20) for _ in range(3))
@@ -180,7 +203,9 @@ def probe(hidden: int, heads: int, seq: int, micro: int, tp: int, seconds: float
     dense matmuls at this layout's shapes, the memory, the model's elementwise kernels, gloo."""
     shapes = [s for s in dense_shapes(hidden, seq * micro) if s in dense_shapes_at(hidden, seq * micro, tp)]
     rank = dist.get_rank()
-    return {"shapes": shapes, "matmul_tflops": _matmul_rates(shapes, seconds), "memory_gbs": _memory_gbs(seconds),
+    matmul = _matmul_rates(shapes, seconds)
+    return {"shapes": shapes, "matmul_tflops": matmul, "solo_speedup": _solo_speedup(shapes, matmul, seconds),
+            "memory_gbs": _memory_gbs(seconds),
             "elementwise_gbs": _elementwise_gbs(hidden, heads, seq, micro, seconds),
             "allreduce": _allreduce(rank, seconds), "p2p": _p2p(rank, seconds)}
 
@@ -195,6 +220,7 @@ def combine(probes: list) -> dict:
     return {
         "shapes": probes[0]["shapes"],
         "matmul_tflops": [mean([p["matmul_tflops"][i] for p in probes]) for i in range(len(probes[0]["shapes"]))],
+        "solo_speedup": mean([p["solo_speedup"] for p in probes]),
         "memory_gbs": mean([p["memory_gbs"] for p in probes]),
         "elementwise_gbs": mean([p["elementwise_gbs"] for p in probes]),
         "allreduce_latency_s": mean([p["allreduce"][0] for p in probes]),
@@ -219,6 +245,7 @@ def hardware_yaml(rates: dict, path: Path) -> Path:
         "nvlink_gbs": round(2 * rates["allreduce_gbs"] / performance.ETA_LINK, 3),
         "network_gbs": round(rates["allreduce_gbs"] / performance.ETA_LINK, 3),
         "gpus_per_node": 2,
+        "solo_speedup": round(max(1.0, rates["solo_speedup"]), 3),  # performance.py section 7
     }
     path.write_text("# Measured by benchmarks/bench_plan_cpu.py on this machine "
                     f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).\n" + yaml.safe_dump(entry, sort_keys=False))
@@ -339,7 +366,7 @@ def run(args) -> dict:
 
 
 def _rates_line(r: dict) -> str:
-    return (f"matmul {min(r['matmul_tflops']):.3f}-{max(r['matmul_tflops']):.3f} TFLOP/s, memory {r['memory_gbs']:.1f} GB/s, "
+    return (f"matmul {min(r['matmul_tflops']):.3f}-{max(r['matmul_tflops']):.3f} TFLOP/s (alone x{r['solo_speedup']:.2f}), memory {r['memory_gbs']:.1f} GB/s, "
             f"elementwise {r['elementwise_gbs']:.2f} GB/s, all-reduce {r['allreduce_gbs']:.2f} GB/s "
             f"+ {r['allreduce_latency_s'] * 1e6:.0f} us, p2p {r['p2p_gbs']:.2f} GB/s + {r['p2p_latency_s'] * 1e6:.0f} us")
 

@@ -19,6 +19,7 @@ def test_benchmark_prints_every_row(tmp_path):
     for row in result["rows"]:
         gpu = load_gpu(row["hardware"])  # each launch's measured entry is a valid catalogue file
         assert gpu.peak("fp32") > 0 and gpu.hbm_gbs > 0 and gpu.nvlink_gbs > 0 and gpu.elementwise_gbs > 0
+        assert gpu.solo_speedup >= 1
         assert yaml.safe_load(open(row["hardware"]))["name"] == "cpu-measured"
     rows = [(r["layout"], r["micro_batches"]) for r in result["rows"]]
     assert rows == [("PP2", 1), ("PP2", 2), ("PP2", 4), ("PP2", 8), ("TP2", 2), ("DP2", 1)]

@@ -18,7 +18,9 @@ KEYS = ("name", "peak_tflops", "memory_gib", "hbm_gbs", "nvlink_gbs", "network_g
 # elementwise_gbs: the rate of the model's elementwise kernels (LayerNorm, GeLU, softmax, ...) in the
 # bytes performance.py counts for them, where they do not stream at the memory's rate (a CPU core
 # computing tanh and exp); absent on GPUs, whose elementwise kernels are memory-bound.
-OPTIONAL_KEYS = ("elementwise_gbs",)
+# solo_speedup: how much faster one process computes while the node's other processes do not
+# (processes sharing a CPU's floating-point units; performance.py section 7); absent: 1.
+OPTIONAL_KEYS = ("elementwise_gbs", "solo_speedup")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class GPU:
     network_gbs: float  # per GPU, one direction
     gpus_per_node: int
     elementwise_gbs: Optional[float] = None  # None: memory-bound (hbm_gbs x performance.ETA_HBM)
+    solo_speedup: float = 1.0
 
     def peak(self, precision: str) -> Optional[float]:
         """Dense peak TFLOP/s at a training precision; None if the part has no unit for it."""
@@ -67,8 +70,10 @@ def load_gpu(gpu_type: str) -> GPU:
     peaks = {str(k): (None if v is None else float(v)) for k, v in dict(raw["peak_tflops"]).items()}
     gpu = GPU(str(raw["name"]), peaks, float(raw["memory_gib"]), float(raw["hbm_gbs"]),
               float(raw["nvlink_gbs"]), float(raw["network_gbs"]), int(raw["gpus_per_node"]),
-              None if raw.get("elementwise_gbs") is None else float(raw["elementwise_gbs"]))
-    for key in ("memory_gib", "hbm_gbs", "nvlink_gbs", "network_gbs", "gpus_per_node", "elementwise_gbs"):
+              None if raw.get("elementwise_gbs") is None else float(raw["elementwise_gbs"]),
+              float(raw.get("solo_speedup", 1.0) if raw.get("solo_speedup") is not None else 1.0))
+    for key in ("memory_gib", "hbm_gbs", "nvlink_gbs", "network_gbs", "gpus_per_node", "elementwise_gbs",
+                "solo_speedup"):
         if getattr(gpu, key) is not None and getattr(gpu, key) <= 0:
             raise ConfigError(f"launcher.gpu_type={gpu_type}: {key}={getattr(gpu, key)} must be positive")
     if not any(v for v in peaks.values()):

@@ -75,6 +75,15 @@ model chunks per stage (1 = plain 1F1B), byte width w (2 in 16 bits, 4 in fp32).
 6. Optimizer: Adam with fp32 master weights is memory-bound: OPTIMIZER_BYTES bytes per parameter
    this GPU updates (P/t/p, / n under ZeRO >= 1) at HBM x ETA_HBM.
 
+7. Processes that share a chip's compute units (a CPU's cores: this framework's `cpu` entry,
+   where the 2 processes of a node run on 2 cores that share their floating-point throughput):
+   the catalogue's rates are those each process sees while all the node's processes compute at
+   once, and `solo_speedup` (optional, 1 for GPUs: each GPU is its own chip) is how much faster
+   one process computes alone. Under 1F1B the fill and drain slots run one stage alone, so their
+   compute (section 1-2 terms, not the communication) takes 1/solo_speedup of the time; with
+   m < p every slot is alone (alone_slots). benchmarks/bench_plan_cpu.py measures it (one
+   process's matmul rate alone over its rate with its peer multiplying too).
+
 Global constants, the same for every GPU, model and layout (tests/test_performance.py):
   ETA_GEMM = 0.72      the sustained share of the dense peak of a large fp16/bf16 GEMM inside a
                        training step (225 of 312 TFLOP/s on A100; isolated square cuBLAS GEMMs
@@ -281,6 +290,7 @@ def predict(shape: Shape, lay: Layout, gpu: GPU, gpus_per_node: Optional[int] = 
     accumulate_time = _hbm_time(accumulate, gpu) * (m - 1) / m
     parts["grad_accumulation_per_microbatch"] = accumulate_time
     pipeline_time = (m + (p - 1) / v) * (slowest + p2p + accumulate_time)
+    pipeline_time -= alone_slots(lay, m) * parts["compute_per_microbatch"] * (1 - 1 / gpu.solo_speedup)
     bubble = ((p - 1) / v) / (m + (p - 1) / v)
 
     # data parallel
@@ -316,6 +326,18 @@ def predict(shape: Shape, lay: Layout, gpu: GPU, gpus_per_node: Optional[int] = 
         step_time_s=step, tflops_per_gpu=tflops, hardware_tflops_per_gpu=hw_flops / (step * world * 1e12),
         mfu=tflops / peak, tokens_per_sec=lay.global_batch * s / step, bubble=bubble,
         exposed_comm_s=exposed, parts_s=parts)
+
+
+def alone_slots(lay: Layout, m: int) -> float:
+    """Micro-batch slots (section 4) in which a stage computes while the node's other processes do
+    not (section 7): all of them for one process; under 1F1B the fill and the drain, 2(p - 1)
+    slots of the m + p - 1 (all of them when m < p: no two stages ever compute at once)."""
+    if lay.world == 1:
+        return m
+    if lay.pp == 1:
+        return 0.0
+    slots = m + (lay.pp - 1) / lay.chunks
+    return min(slots, 2 * (lay.pp - 1) / lay.chunks) if m >= lay.pp else slots
 
 
 def _split(layers: int, pp: int) -> list:
