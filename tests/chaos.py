@@ -62,7 +62,7 @@ def _settled(pid: int, states: str) -> bool:
     return stat is None or stat[0] in states
 
 
-def freeze(root: int, timeout_s: float = 10.0) -> list:
+def freeze(root: int, timeout_s: float = 30.0) -> list:
     """SIGSTOP root's whole tree and wait until each process is really stopped (a signal lands
     when the process next leaves the kernel: an fsync in flight finishes first). Returns the pids."""
     stopped: set = set()

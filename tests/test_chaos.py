@@ -35,7 +35,9 @@ from training.checkpoint import files
 REPO = Path(__file__).resolve().parent.parent
 SEED_ENV = "BLOOM_CHAOS_SEED"
 KILLS, WRITE_KILLS, ASYNC_WRITE_KILLS = 10, 5, 3
-ITERS = 40  # enough that the kills (1-3 iterations apart, at most ~4 of progress each) end before it
+# Each launch is struck 1-3 iterations past where it resumed (the moments aim no later than
+# ITERS - 6): the run has not ended when the last kill comes (10 kills moved it 6-10 iterations).
+ITERS = 30
 SEGMENT_TIMEOUT_S = 240
 RANKS = 4
 # Wall-clock measurements: they differ between any two runs and are not compared.
@@ -127,10 +129,8 @@ class Kill:
     seconds: float  # from launch to kill
 
 
-def strike(proc, run: Path, since: int) -> Kill:
-    """Freeze the run, see what is in flight, SIGKILL it all."""
-    pids = chaos.freeze(proc.pid)
-    found = chaos.write_in_progress(run / "checkpoints", since)
+def strike(proc, pids: list, found, run: Path, since: int) -> Kill:
+    """SIGKILL the frozen run, all of it."""
     chaos.kill(proc, pids)
     return Kill(found, chaos.last_step(run / "metrics.jsonl"), (time.time_ns() - since) / 1e9)
 
@@ -141,7 +141,7 @@ def crash_at(moment: Moment, run: Path, args: list, log: Path, resumed_at: int, 
     the write became visible meanwhile (or was too quick to reach that depth), the run goes on to
     the next write, struck at half the depth."""
     proc, since = launch(args, log)
-    target = min(resumed_at + moment.after, ITERS - 4)
+    target = min(resumed_at + moment.after, ITERS - 6)
     wanted = max(1, math.ceil(moment.depth * n_files))
     watched = None
     deadline = time.monotonic() + SEGMENT_TIMEOUT_S
@@ -152,7 +152,8 @@ def crash_at(moment: Moment, run: Path, args: list, log: Path, resumed_at: int, 
             if moment.kind == "step":
                 if chaos.last_step(run / "metrics.jsonl", since) >= target:
                     time.sleep(moment.delay_s)
-                    return strike(proc, run, since)
+                    pids = chaos.freeze(proc.pid)
+                    return strike(proc, pids, chaos.write_in_progress(run / "checkpoints", since), run, since)
             else:
                 found = chaos.write_in_progress(run / "checkpoints", since, target)
                 if found is not None and found.iteration != watched:
@@ -163,8 +164,7 @@ def crash_at(moment: Moment, run: Path, args: list, log: Path, resumed_at: int, 
                     pids = chaos.freeze(proc.pid)
                     frozen = chaos.write_in_progress(run / "checkpoints", since, target)
                     if frozen is not None and frozen.iteration == found.iteration:
-                        chaos.kill(proc, pids)
-                        return Kill(frozen, chaos.last_step(run / "metrics.jsonl"), (time.time_ns() - since) / 1e9)
+                        return strike(proc, pids, frozen, run, since)
                     chaos.thaw(pids)  # made visible between the look and the freeze
             time.sleep(0.002)
     finally:
@@ -197,6 +197,12 @@ def check_complete(directory: Path, why: str) -> None:
         for kind in ("model", "optim"):
             assert f"{kind}/rank{rank:05d}.safetensors" in manifest["files"], f"{why}: {directory.name} lacks rank {rank}'s {kind}"
         assert f"rng/rank{rank:05d}.pt" in manifest["files"], f"{why}: {directory.name} lacks rank {rank}'s RNG"
+
+
+def check_every_checkpoint(checkpoints: Path, why: str) -> None:
+    """No complete checkpoint left corrupt: each passes the verifier, with every rank's files."""
+    for directory in files.complete_checkpoints(checkpoints):
+        check_complete(directory, why)
 
 
 def check_struck_write(kill: Kill, checkpoints: Path, latest: int, why: str) -> None:
@@ -252,6 +258,7 @@ def test_ten_sigkills_with_restarts_end_bitwise_equal_with_no_checkpoint_lost(tm
               flush=True)
         check_resumed_from(run, logs, latest, why)
         latest_after = check_latest(run / "checkpoints", latest, why)
+        check_every_checkpoint(run / "checkpoints", why)
         if moment.kind == "write":
             check_struck_write(kill, run / "checkpoints", latest_after, why)
             struck_writes += 1
@@ -268,5 +275,4 @@ def test_ten_sigkills_with_restarts_end_bitwise_equal_with_no_checkpoint_lost(tm
     got = deterministic(chaos.step_records(run / "metrics.jsonl"))
     assert len(got) == ITERS and got == expected, f"{why}: metrics differ from the uninterrupted run"
     assert check_latest(run / "checkpoints", latest, why) == ITERS
-    for directory in files.complete_checkpoints(run / "checkpoints"):
-        check_complete(directory, why)
+    check_every_checkpoint(run / "checkpoints", why)
