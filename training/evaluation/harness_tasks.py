@@ -38,13 +38,13 @@ def task_manager(include_path: Optional[str], tasks: List[str] = ()):
         raise HarnessConfigError("harness tasks need lm-eval: pip install '.[eval]'") from None
 
     if include_path is None:
-        return TaskManager(verbosity="ERROR")
+        return TaskManager()
     if not Path(include_path).is_dir():
         raise HarnessConfigError(f"harness include path {include_path} is not a directory")
-    local = TaskManager(verbosity="ERROR", include_path=include_path, include_defaults=False)
+    local = TaskManager(include_path=include_path, include_defaults=False)
     if tasks and all(t in local.all_tasks for t in tasks):
         return local
-    return TaskManager(verbosity="ERROR", include_path=include_path)
+    return TaskManager(include_path=include_path)
 
 
 def check_tasks(tasks: List[str], include_path: Optional[str], limit=None):
