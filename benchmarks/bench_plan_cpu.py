@@ -13,7 +13,8 @@ layouts of a small BLOOM on this CPU machine, in one run.
    other jobs, so the rates are those the steps saw), the two processes (one torch thread each,
    2 processes on 2 cores) measure at the same time the fp32 matmul rate at that layout's dense
    GEMM shapes (its micro-batch, its TP split), then each alone (its peer waiting in gloo, as an
-   idle pipeline stage does: the ratio is performance.py's solo_speedup, section 7), the memory
+   idle pipeline stage does: the ratio is performance.py's solo_speedup, section 7, about 1 on a
+   quiet machine, up to 2 when other jobs share the cores), the memory
    bandwidth (a streaming add), the rate
    of the model's own eager elementwise kernels (forward and backward, in the bytes
    performance.py counts for them), and gloo's all-reduce and point-to-point bandwidth and

@@ -18,8 +18,9 @@ KEYS = ("name", "peak_tflops", "memory_gib", "hbm_gbs", "nvlink_gbs", "network_g
 # elementwise_gbs: the rate of the model's elementwise kernels (LayerNorm, GeLU, softmax, ...) in the
 # bytes performance.py counts for them, where they do not stream at the memory's rate (a CPU core
 # computing tanh and exp); absent on GPUs, whose elementwise kernels are memory-bound.
-# solo_speedup: how much faster one process computes while the node's other processes do not
-# (processes sharing a CPU's floating-point units; performance.py section 7); absent: 1.
+# solo_speedup: how much faster one process computes while the node's other processes wait than
+# while they compute too (shared cores: SMT, power budget, other jobs; performance.py section 7);
+# absent: 1.
 OPTIONAL_KEYS = ("elementwise_gbs", "solo_speedup")
 
 

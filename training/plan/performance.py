@@ -75,14 +75,17 @@ model chunks per stage (1 = plain 1F1B), byte width w (2 in 16 bits, 4 in fp32).
 6. Optimizer: Adam with fp32 master weights is memory-bound: OPTIMIZER_BYTES bytes per parameter
    this GPU updates (P/t/p, / n under ZeRO >= 1) at HBM x ETA_HBM.
 
-7. Processes that share a chip's compute units (a CPU's cores: this framework's `cpu` entry,
-   where the 2 processes of a node run on 2 cores that share their floating-point throughput):
-   the catalogue's rates are those each process sees while all the node's processes compute at
-   once, and `solo_speedup` (optional, 1 for GPUs: each GPU is its own chip) is how much faster
-   one process computes alone. Under 1F1B the fill and drain slots run one stage alone, so their
-   compute (section 1-2 terms, not the communication) takes 1/solo_speedup of the time; with
-   m < p every slot is alone (alone_slots). benchmarks/bench_plan_cpu.py measures it (one
-   process's matmul rate alone over its rate with its peer multiplying too).
+7. Processes that share compute (`solo_speedup`, optional, 1 for GPUs: each GPU computes alone on
+   its own chip): the catalogue's rates are those each process sees while all the node's
+   processes compute at once, and solo_speedup is how much faster one process computes while its
+   peers wait. On CPUs it is 1 only when each process owns its core: SMT siblings, a shared power
+   or turbo budget, or other jobs on the machine (the scheduler hands an idle peer's share of the
+   cores to the process still running) make it larger. Under 1F1B the fill and drain slots run
+   one stage alone, so their compute (the section 1-2 terms, not the communication) takes
+   1/solo_speedup of the time; with m < p every slot is alone (alone_slots).
+   benchmarks/bench_plan_cpu.py measures it in each launch (a process's matmul rate while its
+   peer waits in gloo over its rate while both multiply): 1.0-1.05 on this project's 2-core
+   machines when quiet, 1.8-2.1 while other jobs loaded them (2026-11-30).
 
 Global constants, the same for every GPU, model and layout (tests/test_performance.py):
   ETA_GEMM = 0.72      the sustained share of the dense peak of a large fp16/bf16 GEMM inside a
