@@ -54,6 +54,10 @@ def write_tasks(root: Path) -> Path:
             f"task: bloomtest_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
             f"test_split: test\noutput_type: {output_type}\ndoc_to_text: \"{text}\"\n"
             f"doc_to_target: \"{target}\"\n{extra}metric_list:\n" + "".join(f"  - metric: {m}\n" for m in metrics[name]))
+    (root / "bloomtest_generate.yaml").write_text(  # a task the adapter refuses
+        f"task: bloomtest_generate\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root / 'll.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: \"{{context}}\"\n"
+        "doc_to_target: \"{{continuation}}\"\nmetric_list:\n  - metric: exact_match\n")
     return root
 
 
@@ -208,6 +212,7 @@ def test_bad_harness_input_is_one_line(trained, tasks_dir, tmp_path, capsys, mon
         ([checkpoint, "--tasks", "bloomtest_mc,nosuchtask", "--include-path", tasks_dir], "unknown harness task(s) nosuchtask"),
         ([checkpoint, "--tasks", "bloomtest_mc", "--include-path", tmp_path / "none"], "is not a directory"),
         ([checkpoint], "nothing to evaluate"),
+        ([checkpoint, "--tasks", "bloomtest_generate", "--include-path", tasks_dir], "bloomtest_generate generate text"),
         ([checkpoint, "--tasks", "bloomtest_mc", "--include-path", tasks_dir, "--limit", "0"], "must be positive"),
     ]
     for args, expected in cases:

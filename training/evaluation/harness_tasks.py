@@ -58,7 +58,20 @@ def check_tasks(tasks: List[str], include_path: Optional[str], limit=None):
     if unknown:
         where = f" (include path {include_path})" if include_path else " (pass --include-path for local task YAMLs)"
         raise HarnessConfigError(f"unknown harness task(s) {', '.join(unknown)}{where}")
+    generating = [t for t in tasks if _output_type(manager, t) == "generate_until"]
+    if generating:
+        raise HarnessConfigError(f"harness task(s) {', '.join(generating)} generate text (generate_until): "
+                                 "bloom-pretrain scores log-likelihoods only; run them on the export with "
+                                 "lm_eval --model hf")
     return manager
+
+
+def _output_type(manager, task: str) -> Optional[str]:
+    """A task's output_type as its YAML states it (None for groups, or when set in an included file:
+    the model then refuses generation when asked, naming the task)."""
+    entry = manager.task_index.get(task)
+    cfg = getattr(entry, "cfg", None)
+    return cfg.get("output_type") if isinstance(cfg, dict) else None
 
 
 def check_eval_tasks(cfg):
