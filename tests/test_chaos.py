@@ -5,13 +5,13 @@ launcher, torchrun and every rank) at 10 moments drawn from a seed, and restarte
 
 Half the moments strike while a checkpoint is being written (its hidden staging directory holds
 files of this launch; the run is frozen and the write seen still in progress before the SIGKILL),
-at a drawn depth into the write, the first of them in the run's first checkpoint (so the next
-start finds none and begins again); the others a drawn time after a drawn step. After every kill:
-`latest` names a complete checkpoint that passes the project's verifier (every file's size and
-xxh3 against its manifest, every rank's files present) and is no older than before the kill; a
-write that was struck stays hidden and did not become `latest`; metrics.jsonl holds the reference's
-records and nothing else. The next start resumes from that `latest`. At the end every checkpoint
-left passes the verifier.
+at a drawn depth into the write; the first of them aims at the run's first checkpoint as soon as
+it holds a file, so that the next start finds none and begins again. The others strike a drawn
+time after a drawn step. After every kill: `latest` names a complete checkpoint, no older than
+before the kill, and every complete checkpoint passes the project's verifier (each file's size
+and xxh3 against its manifest) with every rank's files; a write that was struck stays hidden and
+did not become `latest`; metrics.jsonl holds the reference's records and nothing else. The next
+start says it resumed from that `latest`.
 
 The seed is printed; BLOOM_CHAOS_SEED=<seed> replays the same moments (the run's timing decides
 only where inside a write or a step each one lands).
@@ -107,7 +107,8 @@ def draw_moments(seed: int) -> list:
     rng = random.Random(seed)
     kinds = ["write"] * (WRITE_KILLS - 1) + ["step"] * (KILLS - WRITE_KILLS)
     rng.shuffle(kinds)
-    # The first strikes the first checkpoint's write: the next start finds none and begins again.
+    # The first strikes the first checkpoint's write as soon as it holds a file (depth 0: too
+    # quick a write is not passed over): the next start finds no checkpoint and begins again.
     kinds.insert(0, "write")
     # The async path is where a write overlaps training; at least ASYNC_WRITE_KILLS strike it.
     write_modes = [True] * ASYNC_WRITE_KILLS + [False] * (WRITE_KILLS - ASYNC_WRITE_KILLS)
@@ -115,8 +116,9 @@ def draw_moments(seed: int) -> list:
     moments = []
     for i, kind in enumerate(kinds):
         async_save = write_modes.pop() if kind == "write" else rng.random() < 0.5
-        moments.append(Moment(kind, 1 if i == 0 else rng.randint(1, 3), rng.uniform(0.0, 0.15), rng.random(),
-                              async_save, rng.choice([1, 2])))
+        first = i == 0
+        moments.append(Moment(kind, 1 if first else rng.randint(1, 3), rng.uniform(0.0, 0.15),
+                              0.0 if first else rng.random(), async_save, rng.choice([1, 2])))
     return moments
 
 
