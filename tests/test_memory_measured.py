@@ -264,3 +264,28 @@ def test_pipeline_in_flight_micro_batches_match_the_estimate(measured):
     for got in measured(case):
         assert got["in_flight"] == got["est_in_flight"], got  # 1F1B: pp - stage (here 2, then 1)
         assert got["stage_activations"] == pytest.approx(got["est_stage_activations"], rel=TOLERANCE), got
+
+
+def test_fused_attention_keeps_no_scores_in_the_plan():
+    """The plan of a GPU run counts the s*s attention terms only for the eager kernel: flex and SDPA's
+    fused kernels keep none (on an H200, bf16, seq 2048, recompute none and selective peaked at the
+    same memory, README). With eager, none keeps exactly selective's bytes plus the attention core."""
+    from dataclasses import replace
+
+    from training.config.schema import ModelConfig
+    from training.plan.memory_estimate import attention_core_bytes, estimate
+
+    model = ModelConfig(hidden_size=1024, num_layers=4, num_heads=16, vocab_size=8192, hidden_dropout=0.1,
+                        attention_dropout=0.1)
+    layout, seq, micro = Layout(1, 1, 1), 2048, 2
+
+    def activations(kernels, recompute):
+        cfg = replace(model, kernels=kernels, recompute=recompute)
+        return estimate(cfg, layout, "bf16", 1, seq, micro, 1)[0].activations
+
+    assert activations("auto", "none") == activations("auto", "selective") == activations("flex", "none")
+    core = model.num_layers * attention_core_bytes(model, 1, seq, micro, 2, 1) / 2 ** 30
+    # eager: every layer keeps its core with none; selective holds one layer's while recomputing it
+    assert activations("eager", "none") - activations("eager", "selective") == pytest.approx(
+        core - core / model.num_layers)
+    assert activations("eager", "full") > activations("auto", "full")  # the recomputed block's scores

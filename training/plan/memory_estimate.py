@@ -43,8 +43,14 @@ Values take the activation width (2 bytes in 16 bits, 4 in fp32); a mask takes 1
 dropout keeps a bool mask) and the value width on CPU (torch keeps a float mask there). In 16 bits
 with both dropouts this is the paper's sbh(10 + 24/t + 5as/(ht)) and 2sbh with full recomputation.
 Recomputing adds one layer's recomputed set while its backward runs (the whole block for full, the
-a*s*s*b terms for selective). The s*s terms assume attention that materialises its scores (eager);
-fused attention (flex, SDPA's flash/efficient kernels) keeps none, so the estimate is an upper bound there.
+a*s*s*b terms for selective). The s*s terms are kept only by attention that materialises its scores:
+model.kernels=eager. The fused kernels (flex; SDPA's flash and memory-efficient kernels, which auto
+picks on a GPU) keep none, dropout included (they keep its RNG state): the plan of a run with any
+other backend counts no s*s terms, so there recompute none holds what selective does. Measured on an
+H200 (README, bf16, seq 2048, flex): recompute none and selective peaked at the same memory
+(19.8 / 45.9 / 74.4 GiB for bloom-560m / 1b7 / 3b), which the s*s terms had overestimated by 25-60%.
+(On a CPU, SDPA with attention dropout falls back to its math kernel and keeps the scores; the
+per-block test, tests/test_memory_measured.py, runs eager.)
 in_flight = micro-batches whose activations a stage holds at once under 1F1B:
 min(pp - stage, micro-batches per step) (1 without pipelining).
 """
@@ -128,10 +134,14 @@ def attention_core_bytes(cfg: ModelConfig, tp: int, seq: int, micro: int, value_
 def _activation_bytes(cfg: ModelConfig, tp: int, seq: int, micro: int, precision: str, sp: bool) -> tuple:
     """(kept per layer per micro-batch, transient working set of one recomputed layer) in bytes, on GPU."""
     value = 4 if precision == "fp32" else 2
-    kept = per_layer_activation_bytes(cfg, tp, seq, micro, cfg.recompute, value, 1, sp)
+    # Without stored scores, "none" keeps what "selective" keeps, and selective recomputes nothing big.
+    scores = cfg.kernels == "eager"
+    recompute = cfg.recompute if scores or cfg.recompute == "full" else "selective"
+    kept = per_layer_activation_bytes(cfg, tp, seq, micro, recompute, value, 1, sp)
     if cfg.recompute == "full":
-        return kept, per_layer_activation_bytes(cfg, tp, seq, micro, "none", value, 1, sp)
-    if cfg.recompute == "selective":
+        return kept, per_layer_activation_bytes(cfg, tp, seq, micro, "none" if scores else "selective",
+                                                value, 1, sp)
+    if cfg.recompute == "selective" and scores:
         return kept, attention_core_bytes(cfg, tp, seq, micro, value, 1)
     return kept, 0.0
 
