@@ -72,6 +72,23 @@ def no_cluster(reason: str, environ=os.environ):
     pytest.skip(reason)
 
 
+def ensure_namespace_cluster(nodes) -> tuple:
+    """`nodes` of the three-node namespace cluster (start_cluster.sh --nodes 3), started if they do
+    not all take jobs (a cluster of other nodes, the one-node one included, is replaced)."""
+    if _cluster_name() not in (None, TEST_CLUSTER):
+        no_cluster(f"this SLURM client reaches cluster {_cluster_name()!r}, not the test cluster "
+                   f"{TEST_CLUSTER!r}: no test jobs are sent to it")
+    result = _run("sinfo", "-h", "-N", "-o", "%N %t", timeout=20)
+    up = {line.split()[0] for line in result.stdout.splitlines()  # taking jobs, now or after the ones they run
+          if result.returncode == 0 and line.split()[1].rstrip("*") in ("idle", "mix", "alloc", "comp")}
+    if not set(nodes) <= up:
+        result = _run(str(START), "--nodes", "3", timeout=120)
+        if result.returncode != 0:
+            lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
+            no_cluster(f"the three-node SLURM cluster cannot start: {lines[-1]}")
+    return tuple(nodes)
+
+
 def ensure_test_cluster() -> str:
     """The one-node test cluster's name once it answers, started if need be (no_cluster if not)."""
     if not shutil.which("sbatch"):

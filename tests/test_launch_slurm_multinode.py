@@ -23,8 +23,7 @@ import pytest
 from launch.local import free_port
 from parallelism.topology import Layout, placement_lines
 from tests.bloom_train import TINY_RUN, bloom_train, data_cache  # noqa: F401
-from tests.test_launch_slurm import (end_state, REPO, START, TEST_CLUSTER, _cluster_name, _run, job_env,
-                                     job_state, no_cluster)
+from tests.test_launch_slurm import end_state, REPO, ensure_namespace_cluster, job_env, job_state
 
 NODES = ("bloomnode1", "bloomnode2")  # two of the names start_cluster.sh --nodes 3 gives
 CLUSTER_NODES = (*NODES, "bloomnode3")
@@ -33,26 +32,10 @@ RTOL = 1e-4
 JOB_TIMEOUT_S = 420  # two 4-process jobs one after the other, on 2 shared cores
 
 
-def _up_nodes() -> set:
-    """Nodes that take jobs, now or after the ones they run."""
-    result = _run("sinfo", "-h", "-N", "-o", "%N %t", timeout=20)
-    return {line.split()[0] for line in result.stdout.splitlines()
-            if result.returncode == 0 and line.split()[1].rstrip("*") in ("idle", "mix", "alloc", "comp")}
-
-
 @pytest.fixture(scope="session")
 def two_node_cluster():
-    """Two nodes of the namespace cluster, which is started (three nodes) if they are not both up
-    (a cluster of other nodes, the one-node one included, is replaced)."""
-    if _cluster_name() not in (None, TEST_CLUSTER):
-        no_cluster(f"this SLURM client reaches cluster {_cluster_name()!r}, not the test cluster "
-                   f"{TEST_CLUSTER!r}: no test jobs are sent to it")
-    if not set(NODES) <= _up_nodes():
-        result = _run(str(START), "--nodes", "3", timeout=120)
-        if result.returncode != 0:
-            lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
-            no_cluster(f"the two-node SLURM cluster cannot start: {lines[-1]}")
-    return NODES
+    """Two nodes of the namespace cluster, started (three nodes) if they are not both up."""
+    return ensure_namespace_cluster(NODES)
 
 
 def _submit(run_dir, data_cache, nproc: int, parallel: list) -> str:

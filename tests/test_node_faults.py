@@ -26,8 +26,8 @@ import pytest
 
 from launch.local import free_port
 from tests.bloom_train import TINY_RUN, data_cache, step_losses  # noqa: F401
-from tests.test_launch_slurm import (FINISHED, REPO, START, TEST_CLUSTER, _cluster_name, _node_ready, _run,
-                                     end_state, job_env, job_fields, job_state, no_cluster)
+from tests.test_launch_slurm import (FINISHED, REPO, _node_ready, _run, end_state, ensure_namespace_cluster,
+                                     job_env, job_fields, job_state)
 
 NODES = ("bloomnode1", "bloomnode2", "bloomnode3")  # start_cluster.sh --nodes 3
 ITERS, SAVE = 200, 50
@@ -48,23 +48,10 @@ RUN = [*TINY_RUN, f"trainer.train_iters={ITERS}", f"trainer.save_interval={SAVE}
        f"parallel.collective_timeout_s={LOSS_TIMEOUT_S}"]
 
 
-def _up_nodes() -> set:
-    result = _run("sinfo", "-h", "-N", "-o", "%N %t", timeout=20)
-    return {line.split()[0] for line in result.stdout.splitlines()
-            if result.returncode == 0 and line.split()[1].rstrip("*") in ("idle", "mix", "alloc", "comp")}
-
-
 @pytest.fixture(scope="module")
 def three_node_cluster():
-    if _cluster_name() not in (None, TEST_CLUSTER):
-        no_cluster(f"this SLURM client reaches cluster {_cluster_name()!r}, not the test cluster "
-                   f"{TEST_CLUSTER!r}: no test jobs are sent to it")
-    if not set(NODES) <= _up_nodes():
-        result = _run(str(START), "--nodes", "3", timeout=120)
-        if result.returncode != 0:
-            lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
-            no_cluster(f"the three-node SLURM cluster cannot start: {lines[-1]}")
-    return NODES
+    """The three-node namespace cluster, started if its nodes are not all up."""
+    return ensure_namespace_cluster(NODES)
 
 
 def kill_node(node: str) -> list:
