@@ -250,10 +250,7 @@ class Trainer:
             return False
         first, samples = s.iteration + 1, s.consumed_samples
         while s.iteration < end and not self._done():
-            size = self.schedule.global_batch(s.consumed_samples)
-            s.iteration += 1
-            s.consumed_samples += size
-            s.consumed_tokens += size * self.cfg.data.seq_length
+            size = self._advance()
             self.metrics.log(s.iteration, {"step": s.iteration, "skipped": True, "data_skipped": True,
                                            "global_batch_size": size, "consumed_samples": s.consumed_samples,
                                            "consumed_tokens": s.consumed_tokens})
@@ -308,15 +305,21 @@ class Trainer:
         spike = self.cfg.trainer.spike
         self.engine.loss_factor = spike.inject_factor if s.iteration + 1 in spike.inject_at else 1.0
         result = self.engine.train_step(micro_batches)
-        size = self.schedule.global_batch(s.consumed_samples)
-        s.iteration += 1
-        s.consumed_samples += size
-        s.consumed_tokens += size * self.cfg.data.seq_length
+        size = self._advance()
         s.history.append((s.iteration, result.loss))
         self._check_finite(result)
         self._note_spike(result)
         result.lr, result.global_batch = lr, size
         return result
+
+    def _advance(self) -> int:
+        """Move the loop position past one global batch (trained or skipped); returns its size."""
+        s = self.state
+        size = self.schedule.global_batch(s.consumed_samples)
+        s.iteration += 1
+        s.consumed_samples += size
+        s.consumed_tokens += size * self.cfg.data.seq_length
+        return size
 
     def _check_finite(self, result) -> None:
         message = self.guard.update(self.state.iteration, result.loss, result.grad_norm,
