@@ -22,7 +22,7 @@ def test_benchmark_prints_every_row(tmp_path):
         assert gpu.solo_speedup >= 1
         assert yaml.safe_load(open(row["hardware"]))["name"] == "cpu-measured"
     rows = [(r["layout"], r["micro_batches"]) for r in result["rows"]]
-    assert rows == [("PP2", 1), ("PP2", 2), ("PP2", 4), ("PP2", 8), ("TP2", 2), ("DP2", 1)]
+    assert rows == [("PP2", 1), ("PP2", 2), ("PP2", 4), ("PP2", 8), ("TP2", 8), ("DP2", 4)]
     for row in result["rows"]:
         assert row["measured"] > 0 and row["predicted"] > 0 and math.isfinite(row["ratio"])
     printed = bench_plan_cpu.report(result, args).splitlines()

@@ -101,3 +101,61 @@ def test_faster_gpu_is_faster_and_v100_has_no_bf16():
     assert h100.step_time_s < a100.step_time_s
     with pytest.raises(ValueError, match="no bf16 peak"):
         predict(GPT, Layout(8, 2, 32, 4, 1536, precision="bf16"), load_gpu("V100-32GB"))
+
+
+def test_unequal_stages_one_micro_batch_costs_their_sum_not_p_times_the_slowest():
+    # BLOOM-shaped: a 250880-row vocabulary makes the last stage (logits + loss) much the slowest.
+    bloom = Shape(hidden=1024, layers=8, heads=16, vocab=250880, seq=2048)
+    lay = Layout(1, 2, 1, 1, 1, recompute="none", zero_stage=0, precision="bf16")
+    one, two_stages = predict(bloom, lay, A100), predict(bloom, dataclasses.replace(lay, pp=1), A100)
+    # One micro-batch crosses stage 0, then stage 1, forward and backward: no more than the
+    # unsplit model's compute (plus the two sends), while 2 x the slowest stage would be far more.
+    slowest = one.parts_s["compute_per_microbatch"]
+    assert one.parts_s["pipeline_s"] == pytest.approx(two_stages.parts_s["pipeline_s"] + 2 * one.parts_s["p2p_per_microbatch"], rel=1e-6)
+    assert one.parts_s["pipeline_s"] < 1.8 * slowest
+    # Many micro-batches: the slowest stage paces them, the other fills and drains once.
+    many = predict(bloom, dataclasses.replace(lay, global_batch=16), A100)
+    per_micro = slowest + many.parts_s["p2p_per_microbatch"] + many.parts_s["grad_accumulation_per_microbatch"]
+    first_stage = one.parts_s["pipeline_s"] - slowest - 2 * one.parts_s["p2p_per_microbatch"]
+    fill_and_drain = first_stage + many.parts_s["p2p_per_microbatch"] + many.parts_s["grad_accumulation_per_microbatch"]
+    assert many.parts_s["pipeline_s"] == pytest.approx(16 * per_micro + fill_and_drain, rel=1e-9)
+    assert fill_and_drain < 0.5 * per_micro  # where (m + p - 1) x the slowest would add a whole one
+
+
+def test_deepspeed_zero_all_reduces_gradients_megatron_reduce_scatters():
+    # DeepSpeed's ZeRO 1-2 all-reduce the whole gradient and all-gather the parameters; Megatron's
+    # distributed optimizer reduce-scatters: for fp32 weights and gradients (one width), the
+    # bytes on the wire are 3 (n-1)/n P w against 2 (n-1)/n P w.
+    lay = Layout(1, 1, 8, 1, 64, recompute="none", zero_stage=1, precision="fp32")
+    small = Shape(hidden=1024, layers=24, heads=16, vocab=51200, seq=2048)
+    gpu = load_gpu("A100-80GB")
+    ds = predict(small, lay, gpu, engine="deepspeed").parts_s["dp_total_s"]
+    mg = predict(small, lay, gpu, engine="megatron").parts_s["dp_total_s"]
+    assert ds / mg == pytest.approx(1.5, rel=1e-9)
+    # DeepSpeed's bucket copies cost memory passes that Megatron's model leaves out
+    assert predict(small, lay, gpu, engine="deepspeed").parts_s["zero_copies_s"] > 0
+    assert predict(small, lay, gpu, engine="megatron").parts_s["zero_copies_s"] == 0
+
+
+def test_collective_latency_is_paid_per_message():
+    # gloo-like start-up (0.3 ms) on tiny messages: TP's 4 collectives per layer each pay it once.
+    small = Shape(hidden=64, layers=2, heads=4, vocab=512, seq=16)
+    lay = Layout(2, 1, 1, 1, 4, recompute="none", zero_stage=0, precision="bf16")
+    base = predict(small, lay, A100).parts_s["tp_comm_per_microbatch"]
+    slow = predict(small, lay, dataclasses.replace(A100, latency_us=300.0)).parts_s["tp_comm_per_microbatch"]
+    assert slow - base == pytest.approx(2 * 4 * 300e-6)
+    assert load_gpu("A100-80GB").latency_us == 0  # absent from GPU entries: NCCL's microseconds
+    assert load_gpu("cpu").latency_us > 0
+
+
+def test_weight_gradient_gemm_sums_over_the_micro_batch_tokens():
+    # The backward's weight-gradient GEMM reduces over the s x b tokens: a short micro-batch makes
+    # it slower per FLOP than the forward (eta of its shape), a long one does not.
+    from training.plan.performance import linear_times, gemm_time
+
+    peak = A100.peak("bf16")
+    for tokens, slower in ((256, True), (8192, False)):
+        forward, backward = linear_times(tokens, 4096, 4096, A100, peak, 2)
+        input_grad = gemm_time(tokens, 4096, 4096, A100, peak, 2)
+        assert backward - input_grad == pytest.approx(gemm_time(4096, 4096, tokens, A100, peak, 2))
+        assert (backward > 2.05 * forward) is slower

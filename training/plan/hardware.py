@@ -21,7 +21,10 @@ KEYS = ("name", "peak_tflops", "memory_gib", "hbm_gbs", "nvlink_gbs", "network_g
 # solo_speedup: how much faster one process computes while the node's other processes wait than
 # while they compute too (shared cores: SMT, power budget, other jobs; performance.py section 7);
 # absent: 1.
-OPTIONAL_KEYS = ("elementwise_gbs", "solo_speedup")
+# latency_us: the fixed start-up time of one collective or point-to-point message, microseconds
+# (time = latency + bytes / bandwidth); absent: 0, as for NCCL on the catalogue's GPUs, whose few
+# microseconds vanish against the megabytes per message of the layouts planned here.
+OPTIONAL_KEYS = ("elementwise_gbs", "solo_speedup", "latency_us")
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,15 @@ class GPU:
     gpus_per_node: int
     elementwise_gbs: Optional[float] = None  # None: memory-bound (hbm_gbs x performance.ETA_HBM)
     solo_speedup: float = 1.0
+    latency_us: float = 0.0
 
     def peak(self, precision: str) -> Optional[float]:
         """Dense peak TFLOP/s at a training precision; None if the part has no unit for it."""
         return self.peak_tflops.get(precision)
+
+    @property
+    def latency_s(self) -> float:
+        return self.latency_us / 1e6
 
     @property
     def nvlink_one_way_gbs(self) -> float:
@@ -72,11 +80,14 @@ def load_gpu(gpu_type: str) -> GPU:
     gpu = GPU(str(raw["name"]), peaks, float(raw["memory_gib"]), float(raw["hbm_gbs"]),
               float(raw["nvlink_gbs"]), float(raw["network_gbs"]), int(raw["gpus_per_node"]),
               None if raw.get("elementwise_gbs") is None else float(raw["elementwise_gbs"]),
-              float(raw.get("solo_speedup", 1.0) if raw.get("solo_speedup") is not None else 1.0))
+              float(raw.get("solo_speedup", 1.0) if raw.get("solo_speedup") is not None else 1.0),
+              float(raw.get("latency_us") or 0.0))
     for key in ("memory_gib", "hbm_gbs", "nvlink_gbs", "network_gbs", "gpus_per_node", "elementwise_gbs",
                 "solo_speedup"):
         if getattr(gpu, key) is not None and getattr(gpu, key) <= 0:
             raise ConfigError(f"launcher.gpu_type={gpu_type}: {key}={getattr(gpu, key)} must be positive")
+    if gpu.latency_us < 0:
+        raise ConfigError(f"launcher.gpu_type={gpu_type}: latency_us={gpu.latency_us} must not be negative")
     if not any(v for v in peaks.values()):
         raise ConfigError(f"launcher.gpu_type={gpu_type}: peak_tflops gives no precision a rate")
     return gpu

@@ -11,12 +11,17 @@ model chunks per stage (1 = plain 1F1B), byte width w (2 in 16 bits, 4 in fp32).
 1. Matmuls, per layer, forward, per GPU (Narayanan et al. 2021, "Efficient Large-Scale Language
    Model Training on GPU Clusters Using Megatron-LM", Sec. 5 / Appendix, Eq. 3):
      QKV 2bs.h.3h/t, scores 2bs.s.h/t, context 2bs.s.h/t, dense 2bs.h.h/t, MLP 2 x 2bs.h.f/t,
-   summing to 24bsh^2(1 + s/6h)/t at f = 4h. Backward runs two matmuls of the same shape per
-   forward one (input and weight gradient): 2x. Full recomputation reruns the forward (+1x);
+   summing to 24bsh^2(1 + s/6h)/t at f = 4h. Backward runs two matmuls of the same FLOPs per
+   forward one (2x): for a forward [bs x k] @ [k x n], the input gradient [bs x n] @ [n x k] and
+   the weight gradient [k x bs] @ [bs x n], which sums over the micro-batch's bs tokens (a
+   short micro-batch runs it further from peak: eta below). Full recomputation reruns the forward (+1x);
    selective recomputation (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
    Transformer Models", Sec. 4.2) reruns only the attention core (scores, softmax, dropout,
    context). The logits matmul 2bshV/t runs on the last stage, forward + backward (3x), never
-   recomputed. Hence Megatron's hardware FLOPs per step 96 B s L h^2 (1 + s/6h + V/16Lh) with full
+   recomputed; the cross entropy behind it (training/model/vocab_loss.py, megatron's arithmetic
+   a chunk at a time in fp32) passes over the bs V/t logits, LOSS_BYTES + 3w bytes per logit
+   forward and backward: copies, max, exp and sums that stream at the memory's rate (HBM x
+   ETA_HBM; on a CPU too: no tanh, no statistics per element). Hence Megatron's hardware FLOPs per step 96 B s L h^2 (1 + s/6h + V/16Lh) with full
    recompute (flops.py).
    Each matmul [m x k] @ [k x n] takes the roofline time
      max(2mnk / (peak x eta(n, k)),  w (mk + kn + mn) / (HBM x ETA_HBM))
@@ -44,11 +49,20 @@ model chunks per stage (1 = plain 1F1B), byte width w (2 in 16 bits, 4 in fp32).
    move the same bytes (Korthikanti Sec. 4.2.2). A ring all-reduce over t ranks moves
    2(t-1)/t x bytes per rank (all-gather or reduce-scatter: (t-1)/t), at the link's one-way
    bandwidth x ETA_LINK: NVLink when the TP group is inside a node, else the per-GPU network.
+   Each collective and each point-to-point message (section 4) also costs the catalogue's
+   start-up latency (latency_us; 0 where absent: NCCL's microseconds on GPUs).
    Megatron runs them on the compute stream: fully exposed.
-4. Pipeline (Narayanan et al. 2021, Sec. 2.2): with 1F1B the step takes
-     (m + (p - 1) / v) x (forward + backward of one micro-batch on the slowest stage)
+4. Pipeline (Narayanan et al. 2021, Sec. 2.2): with 1F1B and equal stages the step takes
+     (m + (p - 1) / v) x (forward + backward of one micro-batch on one stage)
    so the bubble is (p-1)/(v m) of the ideal time ((p-1)/m without interleaving; the interleaved
-   schedule with v chunks per stage divides it by v). Point-to-point sends of b s h w bytes per
+   schedule with v chunks per stage divides it by v). Stages are not equal (the first holds the
+   embedding, the last the logits and the loss, and a layer count that does not divide leaves
+   some a layer more): the first micro-batch still crosses every stage, forward and backward,
+   and the slowest stage paces the other m - 1, so with per-micro-batch stage times T the step
+   takes
+     m x T_slowest + (sum of the stages' T - T_slowest) / v,
+   the line above when the stages are equal, and T_1 + ... + T_p for one micro-batch (each
+   stage computes once while the others wait). Point-to-point sends of b s h w bytes per
    micro-batch forward and backward (v times as many with interleaving), split over the t TP
    ranks with Megatron's scatter-gather optimization (Narayanan Sec. 4.1), over the network when
    neighbouring stages sit on different nodes (TP fastest, then DP, then PP, as Megatron orders
@@ -62,8 +76,11 @@ model chunks per stage (1 = plain 1F1B), byte width w (2 in 16 bits, 4 in fp32).
    and write the fp32 buffer: DeepSpeed's grad_accum_dtype=fp32, as BLOOM-176B).
 5. Data parallelism: the gradients (w' = 2 bytes per parameter, 4 for bf16 with fp32
    accumulation, as BLOOM-176B) are all-reduced over the n replicas after the last micro-batch:
-   2(n-1)/n x bytes (ZeRO 1-2: reduce-scatter, then an all-gather of the updated 16-bit
-   parameters, the same bytes). Bandwidth: NVLink inside a node; across nodes the per-GPU
+   2(n-1)/n x bytes. ZeRO 1-2 then all-gather the updated parameters each rank owns ((n-1)/n x
+   P w). Megatron's distributed optimizer reduce-scatters the gradients ((n-1)/n x bytes) in
+   place of the all-reduce; DeepSpeed's ZeRO 1-2 all-reduce them whole and keep their partition
+   (stage_1_and_2.py average_tensor with use_multi_rank_bucket_allreduce, its default; BLOOM-
+   176B's BF16_Optimizer all-reduced too), then all-gather. Bandwidth: NVLink inside a node; across nodes the per-GPU
    network times the number of the group's ranks on one node (each GPU has its NIC, NCCL runs
    one ring per NIC). Overlap: PyTorch DDP (Megatron's DDP=torch rows) and ZeRO-2/3 with
    overlap_comm reduce buckets while the last micro-batch's backward runs (hiding up to that
@@ -73,7 +90,13 @@ model chunks per stage (1 = plain 1F1B), byte width w (2 in 16 bits, 4 in fp32).
    micro-batch's compute up to ZERO3_OVERLAP of it. The tied embedding's gradient is all-reduced
    between the first and last stage (V h/t x w').
 6. Optimizer: Adam with fp32 master weights is memory-bound: OPTIMIZER_BYTES bytes per parameter
-   this GPU updates (P/t/p, / n under ZeRO >= 1) at HBM x ETA_HBM.
+   this GPU updates (P/t/p, / n under ZeRO >= 1) at HBM x ETA_HBM. DeepSpeed's ZeRO optimizer
+   (any stage, any n) also copies every gradient into its flat reduction bucket and its
+   partition out, and flattens the groups for the all-gather: DS_COPY_PASSES read-and-write
+   passes over the local gradients (w' bytes each way) per step into buffers it allocates, at
+   section 2's rate (HBM x ETA_HBM on a GPU; on a CPU the elementwise rate: a DP2 ZeRO-1 step's
+   profile there shows these copies at 5-6 GB/s, the rate of first writes to fresh pages, which
+   the elementwise kernels' outputs also pay, not the 20-50 GB/s of a copy into warm memory).
 
 7. Processes that share compute (`solo_speedup`, optional, 1 for GPUs: each GPU computes alone on
    its own chip): the catalogue's rates are those each process sees while all the node's
@@ -106,6 +129,14 @@ Global constants, the same for every GPU, model and layout (tests/test_performan
                        (2 B), read g again for the gradient norm (4 B).
   ZERO3_OVERLAP = 0.5  share of a micro-batch's compute that hides ZeRO-3's gathers.
   ACCUMULATE_BYTES = 6, ACCUMULATE_FP32_BYTES = 10: counted bytes (section 4), not tuned.
+  LOSS_BYTES = 72      counted passes of vocab_loss.py over each logit (section 1), not tuned:
+                       forward: read the logit (w), write its fp32 copy (4), max (4), minus max
+                       (8), exp (8), sum (4); backward: the copy again (w + 4), minus max (8),
+                       exp (8), divide (8), times the loss gradient (8), the gradient written
+                       over the logits (4 + w): 72 bytes and 3w.
+  DS_COPY_PASSES = 3   counted (section 6), not tuned: into the bucket, the partition out, the
+                       flattening for the all-gather (section 6; a DP2 ZeRO-1 step's profile on
+                       CPU: a copy_ of each gradient twice and a cat per group).
 """
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Optional
@@ -121,6 +152,8 @@ OPTIMIZER_BYTES = 34.0
 ZERO3_OVERLAP = 0.5
 ACCUMULATE_BYTES = 6.0
 ACCUMULATE_FP32_BYTES = 10.0
+LOSS_BYTES = 72.0
+DS_COPY_PASSES = 3.0
 ENGINES = ("megatron", "deepspeed")
 RECOMPUTE = ("none", "selective", "full")
 
@@ -216,8 +249,9 @@ def _link_gbs(gpu: GPU, inside_node: bool, ranks_per_node: int = 1) -> float:
     return gpu.network_gbs * max(1, ranks_per_node) * ETA_LINK
 
 
-def allreduce_time(nbytes: float, ranks: int, gbs: float) -> float:
-    return 0.0 if ranks <= 1 else 2 * (ranks - 1) / ranks * nbytes / (gbs * 1e9)
+def allreduce_time(nbytes: float, ranks: int, gbs: float, latency_s: float = 0.0) -> float:
+    """A ring all-reduce (section 3), plus the catalogue's start-up latency (latency_us)."""
+    return 0.0 if ranks <= 1 else 2 * (ranks - 1) / ranks * nbytes / (gbs * 1e9) + latency_s
 
 
 def layer_times(shape: Shape, lay: Layout, gpu: GPU, peak: float, width: int) -> Dict[str, float]:
@@ -226,8 +260,7 @@ def layer_times(shape: Shape, lay: Layout, gpu: GPU, peak: float, width: int) ->
     d = h // shape.heads
     heads = shape.heads / t
     tokens = s * b
-    dense = (gemm_time(tokens, 3 * h / t, h, gpu, peak, width) + gemm_time(tokens, h, h / t, gpu, peak, width)
-             + gemm_time(tokens, f / t, h, gpu, peak, width) + gemm_time(tokens, h, f / t, gpu, peak, width))
+    dense = [linear_times(tokens, n, k, gpu, peak, width) for n, k in ((3 * h / t, h), (h, h / t), (f / t, h), (h, f / t))]
     core_mm = (gemm_time(s, s, d, gpu, peak, width, heads * b)  # scores q k^T
                + gemm_time(s, d, s, gpu, peak, width, heads * b))  # context probs v
     A = heads * s * s * b
@@ -236,7 +269,15 @@ def layer_times(shape: Shape, lay: Layout, gpu: GPU, peak: float, width: int) ->
     c = tokens * h / t
     hidden_dropout = 1.0 if shape.hidden_dropout else 0.0
     ew = (4 * u + 2 * (2.5 + hidden_dropout) * u + 8 * c + 8 * c) * width
-    return {"dense": dense, "core": core_mm + _elementwise_time(core_ew, gpu), "elementwise": _elementwise_time(ew, gpu)}
+    return {"dense": sum(fw for fw, _ in dense), "dense_backward": sum(bw for _, bw in dense),
+            "core": core_mm + _elementwise_time(core_ew, gpu), "elementwise": _elementwise_time(ew, gpu)}
+
+
+def linear_times(tokens: float, n: float, k: float, gpu: GPU, peak: float, width: int) -> tuple:
+    """(forward, backward) of a linear layer [tokens x k] @ [k x n]: backward is the input gradient
+    [tokens x n] @ [n x k] and the weight gradient [k x tokens] @ [tokens x n] (section 1)."""
+    backward = gemm_time(tokens, k, n, gpu, peak, width) + gemm_time(k, n, tokens, gpu, peak, width)
+    return gemm_time(tokens, n, k, gpu, peak, width), backward
 
 
 def predict(shape: Shape, lay: Layout, gpu: GPU, gpus_per_node: Optional[int] = None,
@@ -259,18 +300,20 @@ def predict(shape: Shape, lay: Layout, gpu: GPU, gpus_per_node: Optional[int] = 
     parts: Dict[str, float] = {}
 
     fwd = layer_times(shape, lay, gpu, peak, width)
-    layer_fwd = sum(fwd.values())
-    # backward: twice every forward term; recomputation reruns what it drops
+    layer_fwd = fwd["dense"] + fwd["core"] + fwd["elementwise"]
+    # backward: the dense layers' two gradient matmuls, twice every other forward term;
+    # recomputation reruns what it drops
     rerun = {"none": 0.0, "selective": fwd["core"], "full": layer_fwd}[lay.recompute]
-    layer_fwd_bwd = fwd["dense"] * 3 + fwd["core"] * 3 + fwd["elementwise"] * (1 + ELEMENTWISE_BACKWARD) + rerun
+    layer_fwd_bwd = (fwd["dense"] + fwd["dense_backward"] + fwd["core"] * 3
+                     + fwd["elementwise"] * (1 + ELEMENTWISE_BACKWARD) + rerun)
     # TP collectives: 4 all-reduce-sized transfers per layer (+2 recomputed with full)
     tp_inside = t <= node
     collectives = 4 + (2 if lay.recompute == "full" else 0)
-    tp_layer = collectives * allreduce_time(s * b * h * width, t, _link_gbs(gpu, tp_inside))
+    tp_layer = collectives * allreduce_time(s * b * h * width, t, _link_gbs(gpu, tp_inside), gpu.latency_s)
 
     counts = list(lay.layers_per_stage) if lay.layers_per_stage else _split(shape.layers, p)
-    logits = gemm_time(s * b, shape.vocab / t, h, gpu, peak, width) * 3
-    logits += _elementwise_time(s * b * shape.vocab / t * (width + 4) * 2, gpu)  # softmax / cross entropy in fp32
+    logits = sum(linear_times(s * b, shape.vocab / t, h, gpu, peak, width))
+    logits += _hbm_time(s * b * shape.vocab / t * (LOSS_BYTES + 3 * width), gpu)  # cross entropy
     stage_times = []
     for i, layers in enumerate(counts):
         time = layers * (layer_fwd_bwd + tp_layer)
@@ -286,23 +329,29 @@ def predict(shape: Shape, lay: Layout, gpu: GPU, gpus_per_node: Optional[int] = 
     if p > 1:
         pp_inside = t * n < node
         split = t if (engine == "megatron" or lay.sequence_parallel) else 1
-        p2p = 2 * v * (s * b * h * width / split) / (_link_gbs(gpu, pp_inside) * 1e9)
+        p2p = 2 * v * ((s * b * h * width / split) / (_link_gbs(gpu, pp_inside) * 1e9) + gpu.latency_s)
     # gradient accumulation: every micro-batch after the first adds its gradients into the buffer
     local = max(stage_params(shape, counts, t))
     accumulate = local * (ACCUMULATE_FP32_BYTES if grad_width == 4 else ACCUMULATE_BYTES)
     accumulate_time = _hbm_time(accumulate, gpu) * (m - 1) / m
     parts["grad_accumulation_per_microbatch"] = accumulate_time
-    pipeline_time = (m + (p - 1) / v) * (slowest + p2p + accumulate_time)
+    slots = [time + p2p + accumulate_time for time in stage_times]
+    pipeline_time = m * max(slots) + (sum(slots) - max(slots)) / v
     pipeline_time -= alone_slots(lay, m) * parts["compute_per_microbatch"] * (1 - 1 / gpu.solo_speedup)
     bubble = ((p - 1) / v) / (m + (p - 1) / v)
 
     # data parallel
     dp_inside = t * n <= node
     dp_gbs = _link_gbs(gpu, dp_inside, ranks_per_node=min(n, max(1, node // t)))
-    dp_time = allreduce_time(local * grad_width, n, dp_gbs)
-    if lay.zero_stage >= 1 and lay.precision != "fp32" and grad_width == 4:
-        # ZeRO 1-2: reduce-scatter the fp32 gradients, all-gather the 16-bit parameters
-        dp_time = (allreduce_time(local * grad_width, n, dp_gbs) + allreduce_time(local * width, n, dp_gbs)) / 2
+    dp_time = allreduce_time(local * grad_width, n, dp_gbs, gpu.latency_s)
+    if 1 <= lay.zero_stage <= 2:
+        # megatron reduce-scatters the gradients, DeepSpeed all-reduces them; both then
+        # all-gather the updated parameters (section 5)
+        reduce = dp_time / 2 if engine == "megatron" else dp_time
+        dp_time = reduce + allreduce_time(local * width, n, dp_gbs, 2 * gpu.latency_s) / 2
+    ds_copies = 0.0
+    if engine == "deepspeed" and lay.zero_stage >= 1:
+        ds_copies = _elementwise_time(DS_COPY_PASSES * 2 * local * grad_width, gpu)
     overlap = lay.dp_overlap if lay.dp_overlap is not None else (lay.zero_stage >= 2 and p == 1)
     last_backward = slowest * 2 / 3
     dp_exposed = max(0.0, dp_time - last_backward) if overlap else dp_time
@@ -312,12 +361,13 @@ def predict(shape: Shape, lay: Layout, gpu: GPU, gpus_per_node: Optional[int] = 
         zero3 = max(0.0, gathers - ZERO3_OVERLAP * slowest * m)
     tied = 0.0
     if p > 1:
-        tied = allreduce_time(shape.vocab * h / t * grad_width, 2, _link_gbs(gpu, t * n * p <= node))
+        tied = allreduce_time(shape.vocab * h / t * grad_width, 2, _link_gbs(gpu, t * n * p <= node), gpu.latency_s)
     optimizer = _hbm_time(local / (n if lay.zero_stage >= 1 else 1) * OPTIMIZER_BYTES, gpu)
 
-    step = pipeline_time + dp_exposed + zero3 + tied + optimizer
+    step = pipeline_time + dp_exposed + zero3 + tied + optimizer + ds_copies
     parts.update(pipeline_s=pipeline_time, p2p_per_microbatch=p2p, dp_exposed_s=dp_exposed,
-                 dp_total_s=dp_time, zero3_exposed_s=zero3, tied_embedding_s=tied, optimizer_s=optimizer)
+                 dp_total_s=dp_time, zero3_exposed_s=zero3, tied_embedding_s=tied, optimizer_s=optimizer,
+                 zero_copies_s=ds_copies)
     exposed = (m * parts["tp_comm_per_microbatch"] + (m + (p - 1) / v) * p2p + dp_exposed + zero3 + tied)
 
     hw_flops = megatron_flops(shape.hidden, shape.layers, s, shape.vocab, lay.global_batch, shape.f, passes=4
