@@ -346,3 +346,34 @@ def test_time_limit_signal_requeues_the_job_and_the_run_finishes(slurm_cluster, 
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if "lm_loss" in line]
     assert steps == list(range(1, iters + 1))  # every step once, none lost or repeated
+
+
+def test_parallel_auto_under_slurm_runs_the_planners_winner(slurm_cluster, tmp_path, data_cache):
+    """parallel.auto=true through bloom-slurm: the batch script, srun and every rank load the
+    config and take the same winner, which trains."""
+    import yaml
+
+    from training.config.loader import load_config
+    from training.plan.planner import plan
+
+    run_dir = tmp_path / "run"
+    overrides = ["launcher.nodes=1", "launcher.gpus_per_node=0", "launcher.nproc_per_node=2",
+                 "launcher.time=00:05:00", f"trainer.run_dir={run_dir}", f"data.cache_dir={data_cache}",
+                 *TINY_RUN, "trainer.train_iters=2", "parallel.auto=true"]
+    winner = plan(load_config(overrides)).ranked[0].layout
+    submitted = subprocess.run([sys.executable, "-m", "launch.slurm", "--submit", "--port", str(free_port()),
+                                *overrides], cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    state = wait_for(job_id)
+    out = (run_dir / "logs" / f"bloom-tiny-{job_id}.out").read_text()
+    err = (run_dir / "logs" / f"bloom-tiny-{job_id}.err").read_text()
+    assert state == "COMPLETED exit 0:0", f"job {job_id}: {state}\n{out[-2000:]}\n{err[-3000:]}"
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    p, t = resolved["parallel"], resolved["trainer"]
+    assert (p["tp"], p["pp"], p["zero_stage"], p["sequence_parallel"], t["micro_batch_size"]) == (
+        winner.tp, winner.pp, winner.zero_stage, winner.sequence_parallel, winner.micro_batch)
+    assert resolved["model"]["recompute"] == winner.recompute
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "lm_loss" in line]
+    assert steps == [1, 2]
