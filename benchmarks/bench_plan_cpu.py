@@ -2,7 +2,7 @@
 layouts of a small BLOOM on this CPU machine, in one run.
 
     python benchmarks/bench_plan_cpu.py [--hidden 512] [--layers 4] [--heads 8] [--seq 256]
-                                        [--micro-batch 1] [--global-batch 8] [--steps 5]
+                                        [--micro-batch 1] [--global-batch 16] [--steps 5]
                                         [--warmup 1] [--out DIR]
 
 1. Runs: the project's engine (tests/train_steps.py make_engine / train: BloomEngine, DeepSpeed,
@@ -72,7 +72,7 @@ def parse_args(argv=None):
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=1, help="samples per micro-batch, every row")
-    parser.add_argument("--global-batch", type=int, default=8, help="samples per step of TP2 and DP2")
+    parser.add_argument("--global-batch", type=int, default=16, help="samples per step of TP2 and DP2")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per layout (median counts)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per layout first")
     parser.add_argument("--probe-seconds", type=float, default=0.2, help="time spent on each rate probe")

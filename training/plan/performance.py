@@ -91,12 +91,14 @@ model chunks per stage (1 = plain 1F1B), byte width w (2 in 16 bits, 4 in fp32).
    between the first and last stage (V h/t x w').
 6. Optimizer: Adam with fp32 master weights is memory-bound: OPTIMIZER_BYTES bytes per parameter
    this GPU updates (P/t/p, / n under ZeRO >= 1) at HBM x ETA_HBM. DeepSpeed's ZeRO optimizer
-   (any stage, any n) also copies every gradient into its flat reduction bucket and its
-   partition out, and flattens the groups for the all-gather: DS_COPY_PASSES read-and-write
-   passes over the local gradients (w' bytes each way) per step into buffers it allocates, at
-   section 2's rate (HBM x ETA_HBM on a GPU; on a CPU the elementwise rate: a DP2 ZeRO-1 step's
-   profile there shows these copies at 5-6 GB/s, the rate of first writes to fresh pages, which
-   the elementwise kernels' outputs also pay, not the 20-50 GB/s of a copy into warm memory).
+   (stage_1_and_2.py; counted the same for ZeRO-3) also moves every gradient it holds, per step:
+   it copies each local gradient into its reduction bucket (read w', write w'), and of the 1/n
+   it owns it copies each into its partition (2w'), flattens them for the optimizer (2w'), and
+   for the gradient norm converts each to fp64 and reads that (get_grad_norm_direct: w' + 8 + 8),
+     local x (2w' + (5w' + 16) / n) bytes,
+   at section 2's rate (HBM x ETA_HBM on a GPU; on a CPU the elementwise rate: the profile of a
+   PP2 ZeRO-1 step there shows these per-tensor copies at 5-7 GB/s, as the elementwise kernels
+   run, not the 20-50 GB/s of one streaming copy).
 
 7. Processes that share compute (`solo_speedup`, optional, 1 for GPUs: each GPU computes alone on
    its own chip): the catalogue's rates are those each process sees while all the node's
@@ -134,9 +136,7 @@ Global constants, the same for every GPU, model and layout (tests/test_performan
                        (8), exp (8), sum (4); backward: the copy again (w + 4), minus max (8),
                        exp (8), divide (8), times the loss gradient (8), the gradient written
                        over the logits (4 + w): 72 bytes and 3w.
-  DS_COPY_PASSES = 3   counted (section 6), not tuned: into the bucket, the partition out, the
-                       flattening for the all-gather (section 6; a DP2 ZeRO-1 step's profile on
-                       CPU: a copy_ of each gradient twice and a cat per group).
+  DeepSpeed's gradient copies (section 6) are counted from its code, not tuned.
 """
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Optional
@@ -153,7 +153,6 @@ ZERO3_OVERLAP = 0.5
 ACCUMULATE_BYTES = 6.0
 ACCUMULATE_FP32_BYTES = 10.0
 LOSS_BYTES = 72.0
-DS_COPY_PASSES = 3.0
 ENGINES = ("megatron", "deepspeed")
 RECOMPUTE = ("none", "selective", "full")
 
@@ -351,7 +350,7 @@ def predict(shape: Shape, lay: Layout, gpu: GPU, gpus_per_node: Optional[int] = 
         dp_time = reduce + allreduce_time(local * width, n, dp_gbs, 2 * gpu.latency_s) / 2
     ds_copies = 0.0
     if engine == "deepspeed" and lay.zero_stage >= 1:
-        ds_copies = _elementwise_time(DS_COPY_PASSES * 2 * local * grad_width, gpu)
+        ds_copies = _elementwise_time(local * (2 * grad_width + (5 * grad_width + 16) / n), gpu)  # section 6
     overlap = lay.dp_overlap if lay.dp_overlap is not None else (lay.zero_stage >= 2 and p == 1)
     last_backward = slowest * 2 / 3
     dp_exposed = max(0.0, dp_time - last_backward) if overlap else dp_time
