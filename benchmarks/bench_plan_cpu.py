@@ -29,7 +29,7 @@ layouts of a small BLOOM on this CPU machine, in one run.
    profiler, which times every aten::mm with its shape (the isolated probe's rates, 5-10% higher,
    are printed beside it: a step's GEMMs find their operands evicted by the kernels between
    them, as ETA_GEMM on GPUs is a step's sustained rate, not an isolated GEMM's). The
-   mean of the two probes of both ranks is written as a hardware YAML (OUT/cpu-measured-*.yaml,
+   median of the two probes of both ranks is written as a hardware YAML (OUT/cpu-measured-*.yaml,
    the keys of configs/hardware/cpu.yaml, which launcher.gpu_type accepts as a path), each rate
    converted the way training/plan/performance.py reads it back (its efficiency constants
    divided out), so the model sees exactly the measured rates.
@@ -246,8 +246,9 @@ def probe(hidden: int, heads: int, seq: int, micro: int, tp: int, seconds: float
 
 
 def combine(probes: list) -> dict:
-    """One process's rates from every rank's probes (before and after the steps): the mean."""
-    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    """One process's rates from every rank's probes (before and after the steps): the median, so
+    that one probe struck by another job's burst (the machine is shared) does not set a rate."""
+    mean = statistics.median
     return {
         "shapes": probes[0]["shapes"],
         "matmul_tflops": [mean([p["matmul_tflops"][i] for p in probes]) for i in range(len(probes[0]["shapes"]))],
