@@ -15,6 +15,7 @@ Measured in each launch, during one real training step of 2 micro-batches per ra
   (torch.autograd.graph.saved_tensors_hooks, distinct storages, parameters excluded, plus the
   inputs torch's checkpoint holds for its rerun, as tests/test_recompute.py counts them), and, at
   the launch's TP, a block of each recompute choice in fp32 and bf16 counted the same way;
+- the logits the loss keeps for its backward on the last stage (each loss call's saved bytes);
 - at PP2, the peak number of micro-batches whose forward ran and backward has not (the 1F1B
   schedule's in-flight micro-batches, counted on DeepSpeed's own instructions), which must be the
   estimate's, and that many micro-batches' block activations against the estimate's.
@@ -123,6 +124,28 @@ class SavedPerBlock:
         return torch.autograd.graph.saved_tensors_hooks(self.add, lambda t: t)
 
 
+class SavedByLoss:
+    """Bytes the loss keeps for its backward in each call (the logits, with the targets and two
+    floats per token): the distinct storages it hands to save_for_backward (autograd packs a custom
+    function's saved tensors after its forward returns, so the block counter's hooks cannot scope it)."""
+
+    def __init__(self):
+        from training.model.vocab_loss import ChunkedVocabParallelCrossEntropy as Loss
+
+        self.calls = []
+        real = Loss.forward
+
+        def counted(ctx, *args):
+            save = ctx.save_for_backward
+
+            def counting_save(*tensors):
+                self.calls.append(sum(dict(_storage(t) for t in tensors if torch.is_tensor(t)).values()))
+                return save(*tensors)
+            ctx.save_for_backward = counting_save
+            return real(ctx, *args)
+        Loss.forward = staticmethod(counted)  # this worker process only
+
+
 class InFlight:
     """Micro-batches whose forward ran and backward has not, on DeepSpeed's pipeline instructions."""
 
@@ -177,7 +200,8 @@ def _measure(rank, layout, zero, precision, recompute, out):
     from megatron.core import parallel_state
 
     from tests.train_steps import make_engine, train
-    from training.plan.memory_estimate import estimate, in_flight as estimated_in_flight, per_layer_activation_bytes
+    from training.plan.memory_estimate import estimate, in_flight as estimated_in_flight, kept_logits_bytes
+    from training.plan.memory_estimate import per_layer_activation_bytes
 
     cfg, engine = make_engine(SHAPE + [f"parallel.zero_stage={zero}", f"trainer.precision={precision}",
                                        f"model.recompute={recompute}", f"parallel.tp={layout.tp}",
@@ -186,6 +210,7 @@ def _measure(rank, layout, zero, precision, recompute, out):
     opt = ds.optimizer
     gradients = GradientPeak(ds.module, opt)
     saved = SavedPerBlock(ds.module)
+    loss = SavedByLoss()
     in_flight = InFlight() if layout.pp > 1 else None
     with saved.hooks():
         train(cfg, engine, layout, 0, 1)
@@ -212,7 +237,10 @@ def _measure(rank, layout, zero, precision, recompute, out):
               "optimizer": optimizer / 2 ** 30, "est_optimizer": stage.optimizer,
               "gradients": gradients.peak / 2 ** 30, "est_gradients": stage.gradients,
               "block_calls": len(saved.calls), "block": statistics.median(saved.calls), "est_block": per_block,
-              "standalone": _standalone_blocks(cfg.model, layout.tp, cfg.data.seq_length, t.micro_batch_size)}
+              "standalone": _standalone_blocks(cfg.model, layout.tp, cfg.data.seq_length, t.micro_batch_size),
+              "loss_calls": len(loss.calls), "loss_saved": max(loss.calls, default=0),
+              "est_loss_saved": kept_logits_bytes(cfg.model, layout.tp, cfg.data.seq_length, t.micro_batch_size,
+                                                  precision)}
     if in_flight:
         expected = estimated_in_flight(layout.pp, stage_index, micro_batches)
         result.update(in_flight=in_flight.peak, est_in_flight=expected,
@@ -257,6 +285,17 @@ def test_block_activations_match_the_estimate(measured, case):
         assert got["block"] == pytest.approx(got["est_block"], rel=TOLERANCE), got
         for name, (counted, estimated) in got["standalone"].items():
             assert counted == pytest.approx(estimated, rel=TOLERANCE), (f"tp{layout.tp}", name, counted, estimated)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_logits_kept_for_the_loss_match_the_estimate(measured, case):
+    """The last stage's logits, which the loss keeps for its backward: what autograd saved in each
+    loss call against the estimate's logits part (its transient fp32 chunk aside)."""
+    layout = case[0]
+    with_loss = [got for got in measured(case) if got["loss_calls"]]
+    assert len(with_loss) == (layout.world_size // layout.pp), measured(case)  # every last-stage rank
+    for got in with_loss:
+        assert got["loss_saved"] == pytest.approx(got["est_loss_saved"], rel=TOLERANCE), got
 
 
 def test_pipeline_in_flight_micro_batches_match_the_estimate(measured):

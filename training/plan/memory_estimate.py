@@ -146,11 +146,16 @@ def _activation_bytes(cfg: ModelConfig, tp: int, seq: int, micro: int, precision
     return kept, 0.0
 
 
+def kept_logits_bytes(cfg: ModelConfig, tp: int, seq: int, micro: int, precision: str) -> float:
+    """The logits the loss keeps for backward, one micro-batch on a last-stage rank (its V/TP slice)."""
+    return seq * micro * padded_vocab_size(cfg, tp) / tp * WEIGHT_BYTES[precision]
+
+
 def _logits_bytes(cfg: ModelConfig, tp: int, seq: int, micro: int, precision: str) -> float:
     """The last stage's logits and the loss's one fp32 chunk (training/model/vocab_loss.py)."""
     vocab = padded_vocab_size(cfg, tp) / tp
-    tokens = seq * micro
-    return tokens * vocab * WEIGHT_BYTES[precision] + min(cfg.loss_chunk_tokens, tokens) * vocab * 4
+    chunk = min(cfg.loss_chunk_tokens, seq * micro) * vocab * 4
+    return kept_logits_bytes(cfg, tp, seq, micro, precision) + chunk
 
 
 def reduce_bucket_bytes(parallel, precision: str, zero_stage: int, pp: int) -> float:
