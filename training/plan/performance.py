@@ -14,15 +14,15 @@ model chunks per stage (1 = plain 1F1B), byte width w (2 in 16 bits, 4 in fp32).
    summing to 24bsh^2(1 + s/6h)/t at f = 4h. Backward runs two matmuls of the same FLOPs per
    forward one (2x): for a forward [bs x k] @ [k x n], the input gradient [bs x n] @ [n x k] and
    the weight gradient [k x bs] @ [bs x n], which sums over the micro-batch's bs tokens (a
-   short micro-batch runs it further from peak: eta below). Full recomputation reruns the forward (+1x);
-   selective recomputation (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+   short micro-batch runs it further from peak: eta below). Full recomputation reruns the
+   forward (+1x); selective recomputation (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
    Transformer Models", Sec. 4.2) reruns only the attention core (scores, softmax, dropout,
    context). The logits matmul 2bshV/t runs on the last stage, forward + backward (3x), never
    recomputed; the cross entropy behind it (training/model/vocab_loss.py, megatron's arithmetic
    a chunk at a time in fp32) passes over the bs V/t logits, LOSS_BYTES + 3w bytes per logit
    forward and backward: copies, max, exp and sums that stream at the memory's rate (HBM x
-   ETA_HBM; on a CPU too: no tanh, no statistics per element). Hence Megatron's hardware FLOPs per step 96 B s L h^2 (1 + s/6h + V/16Lh) with full
-   recompute (flops.py).
+   ETA_HBM; on a CPU too: no tanh, no statistics per element). Hence Megatron's hardware FLOPs
+   per step 96 B s L h^2 (1 + s/6h + V/16Lh) with full recompute (flops.py).
    Each matmul [m x k] @ [k x n] takes the roofline time
      max(2mnk / (peak x eta(n, k)),  w (mk + kn + mn) / (HBM x ETA_HBM))
    with the sustained fraction of the dense peak (the data sheet's, configs/hardware/)
@@ -80,9 +80,9 @@ model chunks per stage (1 = plain 1F1B), byte width w (2 in 16 bits, 4 in fp32).
    P w). Megatron's distributed optimizer reduce-scatters the gradients ((n-1)/n x bytes) in
    place of the all-reduce; DeepSpeed's ZeRO 1-2 all-reduce them whole and keep their partition
    (stage_1_and_2.py average_tensor with use_multi_rank_bucket_allreduce, its default; BLOOM-
-   176B's BF16_Optimizer all-reduced too), then all-gather. Bandwidth: NVLink inside a node; across nodes the per-GPU
-   network times the number of the group's ranks on one node (each GPU has its NIC, NCCL runs
-   one ring per NIC). Overlap: PyTorch DDP (Megatron's DDP=torch rows) and ZeRO-2/3 with
+   176B's BF16_Optimizer all-reduced too), then all-gather. Bandwidth: NVLink inside a node;
+   across nodes the per-GPU network times the number of the group's ranks on one node (each GPU
+   has its NIC, NCCL runs one ring per NIC). Overlap: PyTorch DDP (Megatron's DDP=torch rows) and ZeRO-2/3 with
    overlap_comm reduce buckets while the last micro-batch's backward runs (hiding up to that
    backward's time); Megatron's local DDP and DeepSpeed's pipeline engine reduce after the
    flush (exposed). ZeRO-3 also all-gathers the 16-bit parameters for each micro-batch's forward
@@ -259,7 +259,8 @@ def layer_times(shape: Shape, lay: Layout, gpu: GPU, peak: float, width: int) ->
     d = h // shape.heads
     heads = shape.heads / t
     tokens = s * b
-    dense = [linear_times(tokens, n, k, gpu, peak, width) for n, k in ((3 * h / t, h), (h, h / t), (f / t, h), (h, f / t))]
+    shapes = ((3 * h / t, h), (h, h / t), (f / t, h), (h, f / t))  # QKV, attention dense, h->4h, 4h->h
+    dense = [linear_times(tokens, n, k, gpu, peak, width) for n, k in shapes]
     core_mm = (gemm_time(s, s, d, gpu, peak, width, heads * b)  # scores q k^T
                + gemm_time(s, d, s, gpu, peak, width, heads * b))  # context probs v
     A = heads * s * s * b
