@@ -1,6 +1,6 @@
 """Each part of the memory estimate against what a DeepSpeed run really holds, on every rank for its
 own pipeline stage (training/plan/memory_estimate.py, within 10%), one launch per layout: DP2 fp32
-at ZeRO 1, 2, 3; DP2 bf16 at ZeRO 1 and 2; TP2 and PP2 fp32 at ZeRO 1; the recompute choices spread
+at ZeRO 1, 2, 3; DP2 bf16 at ZeRO 1, 2 and 3; TP2 and PP2 fp32 at ZeRO 1; the recompute choices spread
 over them (the engine runs each of none, selective and full, in fp32 and bf16).
 
 Measured in each launch, during one real training step of 2 micro-batches per rank (4 at PP2):
@@ -34,7 +34,8 @@ TOLERANCE = 0.10
 SHAPE = ["model.hidden_size=256", "data.seq_length=128", "parallel.reduce_bucket_size=4000000"]
 CASES = [(Layout(1, 1, 2), 1, "fp32", "none"), (Layout(1, 1, 2), 2, "fp32", "selective"),
          (Layout(1, 1, 2), 3, "fp32", "full"), (Layout(1, 1, 2), 1, "bf16", "full"),
-         (Layout(1, 1, 2), 2, "bf16", "none"), (Layout(2, 1, 1), 1, "fp32", "selective"),
+         (Layout(1, 1, 2), 2, "bf16", "none"), (Layout(1, 1, 2), 3, "bf16", "selective"),
+         (Layout(2, 1, 1), 1, "fp32", "selective"),
          (Layout(1, 2, 1), 1, "fp32", "none")]
 GRADIENT_POINTS = ("step", "reduce_gradients", "backward_epilogue", "overlapping_partition_gradients_reduce_epilogue",
                    "independent_gradient_partition_epilogue", "update_hp_grads")
@@ -92,7 +93,7 @@ class SavedPerBlock:
     def __init__(self, model):
         import training.model.bloom as bloom
 
-        self.calls, self.current, self.excluded = [], None, set()
+        self.calls, self.current, self.block = [], None, None
         for block in (m for m in model.modules() if isinstance(m, bloom.BloomBlock)):
             block.register_forward_pre_hook(self._enter)
             block.register_forward_hook(self._leave)
@@ -106,8 +107,7 @@ class SavedPerBlock:
         bloom.checkpoint = checkpoint_counting_inputs  # this worker process only
 
     def _enter(self, block, args):
-        self.excluded = {p.untyped_storage().data_ptr() for p in block.parameters()}  # as gathered now
-        self.current = {}
+        self.block, self.current = block, {}
 
     def _leave(self, block, args, output):
         self.calls.append(sum(self.current.values()))
@@ -116,7 +116,8 @@ class SavedPerBlock:
     def add(self, tensor):
         if self.current is not None:
             ptr, nbytes = _storage(tensor)
-            if ptr not in self.excluded:
+            # the block's weights as they are now: ZeRO-3 gathers each layer's just before it runs
+            if ptr not in {p.untyped_storage().data_ptr() for p in self.block.parameters()}:
                 self.current[ptr] = nbytes
         return tensor
 
