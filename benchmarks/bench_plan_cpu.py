@@ -103,7 +103,7 @@ def dense_shapes_at(hidden: int, tokens: int, tp: int) -> list:
     sums over the tokens (performance.py linear_times)."""
     shapes = []
     for n, k in ((3 * hidden // tp, hidden), (hidden, hidden // tp), (4 * hidden // tp, hidden), (hidden, 4 * hidden // tp)):
-        shapes += [(tokens, n, k), (tokens, k, n), (k, n, tokens)]
+        shapes += [(tokens, n, k), (tokens, k, n), (n, k, tokens)]
     return shapes
 
 

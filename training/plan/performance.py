@@ -13,7 +13,7 @@ model chunks per stage (1 = plain 1F1B), byte width w (2 in 16 bits, 4 in fp32).
      QKV 2bs.h.3h/t, scores 2bs.s.h/t, context 2bs.s.h/t, dense 2bs.h.h/t, MLP 2 x 2bs.h.f/t,
    summing to 24bsh^2(1 + s/6h)/t at f = 4h. Backward runs two matmuls of the same FLOPs per
    forward one (2x): for a forward [bs x k] @ [k x n], the input gradient [bs x n] @ [n x k] and
-   the weight gradient [k x bs] @ [bs x n], which sums over the micro-batch's bs tokens (a
+   the weight gradient [n x bs] @ [bs x k], which sums over the micro-batch's bs tokens (a
    short micro-batch runs it further from peak: eta below). Full recomputation reruns the
    forward (+1x); selective recomputation (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
    Transformer Models", Sec. 4.2) reruns only the attention core (scores, softmax, dropout,
@@ -275,8 +275,9 @@ def layer_times(shape: Shape, lay: Layout, gpu: GPU, peak: float, width: int) ->
 
 def linear_times(tokens: float, n: float, k: float, gpu: GPU, peak: float, width: int) -> tuple:
     """(forward, backward) of a linear layer [tokens x k] @ [k x n]: backward is the input gradient
-    [tokens x n] @ [n x k] and the weight gradient [k x tokens] @ [tokens x n] (section 1)."""
-    backward = gemm_time(tokens, k, n, gpu, peak, width) + gemm_time(k, n, tokens, gpu, peak, width)
+    [tokens x n] @ [n x k] and the weight gradient [n x tokens] @ [tokens x k] (section 1), as
+    Megatron computes it (grad_output^T @ input)."""
+    backward = gemm_time(tokens, k, n, gpu, peak, width) + gemm_time(n, k, tokens, gpu, peak, width)
     return gemm_time(tokens, n, k, gpu, peak, width), backward
 
 
