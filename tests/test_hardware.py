@@ -39,6 +39,19 @@ def test_custom_gpu_is_a_yaml_file(tmp_path):
         load_gpu(str(path))
 
 
+def test_custom_gpu_latency_is_optional_and_not_negative(tmp_path):
+    path = tmp_path / "mygpu.yaml"
+    keys = ("name: mygpu\npeak_tflops: {bf16: 100}\nmemory_gib: 24\nhbm_gbs: 1000\n"
+            "nvlink_gbs: 100\nnetwork_gbs: 10\ngpus_per_node: 4\n")
+    path.write_text(keys)
+    assert load_gpu(str(path)).latency_s == 0
+    path.write_text(keys + "latency_us: 30\n")
+    assert load_gpu(str(path)).latency_s == pytest.approx(30e-6)
+    path.write_text(keys + "latency_us: -1\n")
+    with pytest.raises(ConfigError, match="latency_us=-1.0 must not be negative"):
+        load_gpu(str(path))
+
+
 def test_unknown_gpu_is_one_line():
     with pytest.raises(ConfigError, match="launcher.gpu_type=B300 is not in the hardware catalogue"):
         load_gpu("B300")
