@@ -207,6 +207,22 @@ def job_env():
     return dict(os.environ, PYTHONPATH=str(REPO))
 
 
+def submit(overrides: list, *options: str, env: Optional[dict] = None, port: Optional[int] = None) -> str:
+    """`bloom-slurm --submit` (a free rendezvous port unless given, then `options`) with these
+    overrides, from this checkout; the job id."""
+    submitted = subprocess.run([sys.executable, "-m", "launch.slurm", "--submit", "--port", str(port or free_port()),
+                                *options, *overrides],
+                               cwd=REPO, env=env or job_env(), capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.strip()
+
+
+def job_logs(run_dir: Path, job_id: str) -> tuple:
+    """(stdout, stderr) of the job's batch script, from the run's logs folder."""
+    logs = run_dir / "logs"
+    return (logs / f"bloom-tiny-{job_id}.out").read_text(), (logs / f"bloom-tiny-{job_id}.err").read_text()
+
+
 def job_fields(job_id: str) -> dict:
     result = _run("scontrol", "show", "job", "-o", job_id)
     return dict(item.split("=", 1) for item in result.stdout.split() if "=" in item)
@@ -240,16 +256,11 @@ def test_bloom_slurm_submit_runs_a_two_process_dry_run(slurm_cluster, tmp_path):
     overrides = ["launcher.nodes=1", "launcher.gpus_per_node=0", "launcher.nproc_per_node=2",
                  "launcher.time=00:05:00", "trainer.dry_run=true", f"trainer.run_dir={run_dir}"]
     # A free rendezvous port rather than BigScience's 6000, which a CI machine may be using.
-    port = str(free_port())
-    submitted = subprocess.run([sys.executable, "-m", "launch.slurm", "--submit", "--port", port,
-                                *overrides],
-                               cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.strip()
-    assert job_id.isdigit(), submitted.stdout
+    port = free_port()
+    job_id = submit(overrides, port=port)
+    assert job_id.isdigit(), job_id
     state = wait_for(job_id)
-    out = (run_dir / "logs" / f"bloom-tiny-{job_id}.out").read_text()
-    err = (run_dir / "logs" / f"bloom-tiny-{job_id}.err").read_text()
+    out, err = job_logs(run_dir, job_id)
     assert state == "COMPLETED exit 0:0", f"job {job_id}: {state}\n{out[-2000:]}\n{err[-3000:]}"
     assert f"bloom-slurm: job {job_id}, 1 node(s) x 2 process(es), rendezvous at " in out
     assert out.split("rendezvous at ")[1].split()[0].endswith(f":{port}")
@@ -321,18 +332,13 @@ def test_time_limit_signal_requeues_the_job_and_the_run_finishes(slurm_cluster, 
     overrides = ["launcher.nodes=1", "launcher.gpus_per_node=0", "launcher.nproc_per_node=1",
                  "launcher.time=00:10:00", f"trainer.run_dir={run_dir}", f"data.cache_dir={data_cache}",
                  *TINY_RUN, f"trainer.train_iters={iters}", f"trainer.save_interval={iters}"]
-    submitted = subprocess.run([sys.executable, "-m", "launch.slurm", "--submit",
-                                "--port", str(free_port()), *overrides],
-                               cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.strip()
+    job_id = submit(overrides)
     out_file = run_dir / "logs" / f"bloom-tiny-{job_id}.out"
     _wait_for_line(out_file, "[default0]:iter 2/", job_id)
     assert _run("scancel", "--signal=USR1", job_id).returncode == 0
     _release_when_requeued(job_id)
     state = wait_for(job_id)
-    out = out_file.read_text()
-    err = (run_dir / "logs" / f"bloom-tiny-{job_id}.err").read_text()
+    out, err = job_logs(run_dir, job_id)
     assert state == "COMPLETED exit 0:0", f"job {job_id}: {state}\n{out[-3000:]}\n{err[-3000:]}"
     assert job_fields(job_id)["Restarts"] == "1"
     stopped = [line for line in out.splitlines() if "stopping at iteration" in line]
@@ -361,13 +367,9 @@ def test_parallel_auto_under_slurm_runs_the_planners_winner(slurm_cluster, tmp_p
                  "launcher.time=00:05:00", f"trainer.run_dir={run_dir}", f"data.cache_dir={data_cache}",
                  *TINY_RUN, "trainer.train_iters=2", "parallel.auto=true"]
     winner = plan(load_config(overrides)).ranked[0].layout
-    submitted = subprocess.run([sys.executable, "-m", "launch.slurm", "--submit", "--port", str(free_port()),
-                                *overrides], cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.strip()
+    job_id = submit(overrides)
     state = wait_for(job_id)
-    out = (run_dir / "logs" / f"bloom-tiny-{job_id}.out").read_text()
-    err = (run_dir / "logs" / f"bloom-tiny-{job_id}.err").read_text()
+    out, err = job_logs(run_dir, job_id)
     assert state == "COMPLETED exit 0:0", f"job {job_id}: {state}\n{out[-2000:]}\n{err[-3000:]}"
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     p, t = resolved["parallel"], resolved["trainer"]

@@ -14,8 +14,6 @@ import datetime
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 
 import pytest
@@ -23,7 +21,7 @@ import pytest
 from launch.local import free_port
 from parallelism.topology import Layout, placement_lines
 from tests.bloom_train import TINY_RUN, bloom_train, data_cache  # noqa: F401
-from tests.test_launch_slurm import end_state, REPO, ensure_namespace_cluster, job_env, job_state
+from tests.test_launch_slurm import end_state, ensure_namespace_cluster, job_state, submit
 
 NODES = ("bloomnode1", "bloomnode2")  # two of the names start_cluster.sh --nodes 3 gives
 CLUSTER_NODES = (*NODES, "bloomnode3")
@@ -42,11 +40,7 @@ def _submit(run_dir, data_cache, nproc: int, parallel: list) -> str:
     overrides = ["launcher.nodes=2", "launcher.gpus_per_node=0", f"launcher.nproc_per_node={nproc}",
                  "launcher.time=00:10:00", f"trainer.run_dir={run_dir}", f"data.cache_dir={data_cache}",
                  *TINY_RUN, f"trainer.train_iters={STEPS}", *parallel]
-    submitted = subprocess.run([sys.executable, "-m", "launch.slurm", "--submit",
-                                "--port", str(free_port()), *overrides],
-                               cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
-    assert submitted.returncode == 0, submitted.stderr
-    return submitted.stdout.strip()
+    return submit(overrides)
 
 
 def _metrics(run_dir) -> list:

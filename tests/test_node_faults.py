@@ -24,10 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from launch.local import free_port
 from tests.bloom_train import TINY_RUN, data_cache, step_losses  # noqa: F401
 from tests.test_launch_slurm import (FINISHED, REPO, _node_ready, _run, end_state, ensure_namespace_cluster,
-                                     job_env, job_fields, job_state)
+                                     job_env, job_fields, job_state, submit)
 
 NODES = ("bloomnode1", "bloomnode2", "bloomnode3")  # start_cluster.sh --nodes 3
 ITERS, SAVE = 200, 50
@@ -123,11 +122,7 @@ def node_loss(three_node_cluster, data_cache, tmp_path_factory):
     run_dir = root / "job"
     overrides = ["launcher.nodes=2", "launcher.gpus_per_node=0", "launcher.nproc_per_node=1",
                  "launcher.time=00:15:00", f"trainer.run_dir={run_dir}", f"data.cache_dir={data_cache}", *RUN]
-    submitted = subprocess.run([sys.executable, "-m", "launch.slurm", "--submit", "--port", str(free_port()),
-                                "--step-wait", str(STEP_WAIT_S), *overrides],
-                               cwd=REPO, env={**job_env(), **ONE_THREAD}, capture_output=True, text=True, timeout=120)
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.strip()
+    job_id = submit(overrides, "--step-wait", str(STEP_WAIT_S), env={**job_env(), **ONE_THREAD})
     reference = subprocess.Popen([sys.executable, "-m", "launch.train_cli", *RUN, "launcher.nproc_per_node=2",
                                   f"trainer.run_dir={root / 'reference'}", f"data.cache_dir={data_cache}"],
                                  cwd=REPO, env={**job_env(), **ONE_THREAD}, stdout=subprocess.PIPE,
