@@ -248,16 +248,16 @@ def probe(hidden: int, heads: int, seq: int, micro: int, tp: int, seconds: float
 def combine(probes: list) -> dict:
     """One process's rates from every rank's probes (before and after the steps): the median, so
     that one probe struck by another job's burst (the machine is shared) does not set a rate."""
-    mean = statistics.median
+    middle = statistics.median
     return {
         "shapes": probes[0]["shapes"],
-        "matmul_tflops": [mean([p["matmul_tflops"][i] for p in probes]) for i in range(len(probes[0]["shapes"]))],
-        "solo_speedup": mean([p["solo_speedup"] for p in probes]),
-        "memory_gbs": mean([p["memory_gbs"] for p in probes]),
-        "elementwise_gbs": mean([p["elementwise_gbs"] for p in probes]),
-        "allreduce_latency_s": mean([p["allreduce"][0] for p in probes]),
-        "allreduce_gbs": mean([p["allreduce"][1] for p in probes]),
-        "p2p_latency_s": mean([p["p2p"][0] for p in probes]), "p2p_gbs": mean([p["p2p"][1] for p in probes]),
+        "matmul_tflops": [middle([p["matmul_tflops"][i] for p in probes]) for i in range(len(probes[0]["shapes"]))],
+        "solo_speedup": middle([p["solo_speedup"] for p in probes]),
+        "memory_gbs": middle([p["memory_gbs"] for p in probes]),
+        "elementwise_gbs": middle([p["elementwise_gbs"] for p in probes]),
+        "allreduce_latency_s": middle([p["allreduce"][0] for p in probes]),
+        "allreduce_gbs": middle([p["allreduce"][1] for p in probes]),
+        "p2p_latency_s": middle([p["p2p"][0] for p in probes]), "p2p_gbs": middle([p["p2p"][1] for p in probes]),
     }
 
 

@@ -253,6 +253,11 @@ def allreduce_time(nbytes: float, ranks: int, gbs: float, latency_s: float = 0.0
     return 0.0 if ranks <= 1 else 2 * (ranks - 1) / ranks * nbytes / (gbs * 1e9) + latency_s
 
 
+def allgather_time(nbytes: float, ranks: int, gbs: float, latency_s: float = 0.0) -> float:
+    """A ring all-gather (or reduce-scatter) of nbytes in all: half an all-reduce's traffic."""
+    return 0.0 if ranks <= 1 else (ranks - 1) / ranks * nbytes / (gbs * 1e9) + latency_s
+
+
 def layer_times(shape: Shape, lay: Layout, gpu: GPU, peak: float, width: int) -> Dict[str, float]:
     """Forward times of one block for one micro-batch on one GPU: matmuls, attention core, elementwise."""
     s, b, h, t, f = shape.seq, lay.micro_batch, shape.hidden, lay.tp, shape.f
@@ -349,7 +354,7 @@ def predict(shape: Shape, lay: Layout, gpu: GPU, gpus_per_node: Optional[int] = 
         # megatron reduce-scatters the gradients, DeepSpeed all-reduces them; both then
         # all-gather the updated parameters (section 5)
         reduce = dp_time / 2 if engine == "megatron" else dp_time
-        dp_time = reduce + allreduce_time(local * width, n, dp_gbs, 2 * gpu.latency_s) / 2
+        dp_time = reduce + allgather_time(local * width, n, dp_gbs, gpu.latency_s)
     ds_copies = 0.0
     if engine == "deepspeed" and lay.zero_stage >= 1:
         ds_copies = _elementwise_time(local * (2 * grad_width + (5 * grad_width + 16) / n), gpu)  # section 6
@@ -358,7 +363,7 @@ def predict(shape: Shape, lay: Layout, gpu: GPU, gpus_per_node: Optional[int] = 
     dp_exposed = max(0.0, dp_time - last_backward) if overlap else dp_time
     zero3 = 0.0
     if lay.zero_stage >= 3 and n > 1:
-        gathers = 2 * allreduce_time(local * width, n, dp_gbs) / 2 * m
+        gathers = 2 * allgather_time(local * width, n, dp_gbs) * m
         zero3 = max(0.0, gathers - ZERO3_OVERLAP * slowest * m)
     tied = 0.0
     if p > 1:
