@@ -21,7 +21,7 @@ setup(
     description="Pretrain the BLOOM family with 3D parallelism (Megatron TP, DeepSpeed PP + ZeRO DP)",
     python_requires=">=3.11",  # 3.11 here; 3.12 on the GPU machines (benchmarks/gpu_check.sh)
     packages=["training", "training.model", "training.checkpoint", "training.hf", "training.config",
-              "training.plan", "training.evaluation", "parallelism", "configs", "data", "launch"],
+              "training.plan", "training.evaluation", "training.engine", "parallelism", "configs", "data", "launch"],
     package_data={"configs": package_files("configs"), "data": package_files("data"),
                   "training.plan": package_files("training/plan")},
     install_requires=[

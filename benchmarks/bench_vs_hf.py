@@ -3,7 +3,7 @@
     python benchmarks/bench_vs_hf.py [--case hidden512|demo|both] [--rounds 5] [--steps 2]
                                      [--profile] [--device cpu|cuda] [--precision fp32|bf16]
 
-Framework: the engine `bloom-train` runs (parallelism/deepspeed_engine.py's BloomEngine, built from
+Framework: the engine `bloom-train` runs (training/engine/engine.py's BloomEngine, built from
 the project's Hydra config with these overrides: one process, TP = PP = DP = 1, ZeRO as configured,
 `model.kernels=auto`), stepped the way training/train.py steps it (learning rate, then
 `train_step(micro_batches)`).
@@ -76,7 +76,7 @@ class Framework:
 
 
 def build_framework(overrides: List[str], device: torch.device) -> Framework:
-    from parallelism.deepspeed_engine import BloomEngine
+    from training.engine.engine import BloomEngine
     from parallelism.topology import Layout
     from training.config.loader import load_config
 

@@ -35,7 +35,7 @@ def _worker(rank, world_size, port, layout, fn, args):
 # Imported once by the fork server, so each worker starts with them loaded: a fresh interpreter
 # spends ~3 s of CPU per process importing this stack, most of an 8-process launch on 2 cores.
 # The server itself never joins a process group, so its children start as clean as spawned ones.
-PRELOAD = ["torch", "deepspeed", "megatron.core", "transformers", "parallelism.deepspeed_engine",
+PRELOAD = ["torch", "deepspeed", "megatron.core", "transformers", "training.engine.engine",
            "training.train", "training.checkpoint.checkpointer"]
 
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
 
-from parallelism.deepspeed_engine import deepspeed_config
+from training.engine.deepspeed_config import deepspeed_config
 from parallelism.precision_support import unsupported_reason
 from parallelism.topology import Layout
 from tests.multiprocess import run_processes

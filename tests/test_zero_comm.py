@@ -11,7 +11,7 @@ import json
 import pytest
 import torch.distributed as dist
 
-from parallelism.deepspeed_engine import deepspeed_config
+from training.engine.deepspeed_config import deepspeed_config
 from parallelism.topology import Layout
 from tests.multiprocess import run_processes
 from tests.test_layout_parity import STEPS, assert_steps_match

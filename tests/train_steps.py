@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from parallelism.deepspeed_engine import BloomEngine
+from training.engine.engine import BloomEngine
 from parallelism.topology import Layout
 from training.config.loader import load_config
 from training.lr_schedule import learning_rate

@@ -4,7 +4,7 @@ SpikeDetector keeps a window of the last `trainer.spike.window` accepted steps' 
 norm. Once it holds `min_history` of them, a step whose loss (or gradient norm) exceeds the
 window's mean by `loss_z` standard deviations AND by the factor `loss_ratio` (grad_norm_z,
 grad_norm_ratio for the norm) is a spike: the engine skips its update (weights and optimizer
-state unchanged; parallelism/deepspeed_engine.py asks `check` before the optimizer applies the
+state unchanged; training/engine/engine.py asks `check` before the optimizer applies the
 step), and it does not enter the window. `max_spikes` spikes within `rollback_window` iterations
 ask for a rollback: the trainer reloads the last checkpoint saved before the first of them and
 skips the iterations from that first spike to the last (BigScience's

@@ -19,7 +19,7 @@ from megatron.core import parallel_state
 from data.data_report import write_data_report
 from data.datasets import build_datasets
 from data.sampler import build_eval_loader, iter_global_batches
-from parallelism.deepspeed_engine import BloomEngine
+from training.engine.engine import BloomEngine
 from parallelism.topology import (init_model_parallel, init_process_group, placement_lines, rank_hosts,
                                   shutdown)
 from parallelism.tp_replicas import sync_replicated_parameters

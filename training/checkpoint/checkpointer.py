@@ -31,7 +31,7 @@ from deepspeed.utils import (safe_get_local_fp32_param, safe_get_local_optimizer
                              safe_set_local_fp32_param, safe_set_local_optimizer_state)
 from megatron.core import parallel_state
 
-from parallelism.pipeline import canonical_name
+from training.engine.pipeline import canonical_name
 from training.checkpoint import files
 from training.checkpoint.file_image import FileImage
 from training.checkpoint.fragments import (MASTER, Fragment, FragmentReader, fragment_file, prepare_fragments,

@@ -48,7 +48,7 @@ class ParallelConfig:
     # Run bloom-plan's winner for this model and cluster: tp, pp, dp, zero_stage, sequence_parallel,
     # trainer.micro_batch_size and model.recompute are replaced by its choice (training/plan/planner.py).
     auto: bool = False
-    # DeepSpeed's ZeRO communication (parallelism/deepspeed_engine.py zero_config), each passed to
+    # DeepSpeed's ZeRO communication (training/engine/deepspeed_config.py zero_config), each passed to
     # the stages that read it. Defaults: DeepSpeed's and Megatron-DeepSpeed's (BigScience ran
     # DeepSpeed's defaults); bucket sizes count elements.
     overlap_comm: Optional[bool] = None  # None: true at ZeRO 2 and 3, false at 0 and 1

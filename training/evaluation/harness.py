@@ -52,7 +52,7 @@ class StageForward:
 
     @classmethod
     def of_engine(cls, engine) -> "StageForward":
-        """The running training engine (parallelism/deepspeed_engine.py): its PipelineModule stage
+        """The running training engine (training/engine/engine.py): its PipelineModule stage
         when PP > 1, else the whole model through DeepSpeed (ZeRO-3 gathers weights as it goes)."""
         module = engine.module
         dtype = next(module.parameters()).dtype

@@ -13,7 +13,6 @@ import functools
 
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-from megatron.core import parallel_state
 from torch import nn
 
 from parallelism.pipeline_partition import stage_layer_counts
@@ -95,29 +94,6 @@ class BloomPipeline(PipelineModule):
         self.parts = parts
         stage = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=parts[stage], stop=parts[stage + 1])
-
-
-def build_topology() -> PipeModelDataParallelTopology:
-    """DeepSpeed's topology for megatron's layout, checked to give every rank the same coordinates."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    dp = parallel_state.get_data_parallel_world_size()
-    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
-    check_coordinates_agree(topology)
-    return topology
-
-
-def check_coordinates_agree(topology: PipeModelDataParallelTopology) -> None:
-    import torch.distributed as dist
-
-    coord = topology.get_coord(dist.get_rank())
-    megatron = (parallel_state.get_pipeline_model_parallel_rank(),
-                parallel_state.get_data_parallel_rank(),
-                parallel_state.get_tensor_model_parallel_rank())
-    if (coord.pipe, coord.data, coord.model) != megatron:
-        raise RuntimeError(
-            f"rank {dist.get_rank()}: DeepSpeed puts it at (pp, dp, tp) = {(coord.pipe, coord.data, coord.model)} "
-            f"but megatron-core at {megatron}; the two rank orders disagree")
 
 
 def canonical_name(pipe_name: str, num_layers: int) -> str:
