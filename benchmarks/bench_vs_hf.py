@@ -109,7 +109,7 @@ def hf_model(state: Dict[str, torch.Tensor], model_cfg, device: torch.device, at
     from transformers import BloomConfig, BloomForCausalLM
 
     from training.hf.convert import hf_from_shards
-    from training.model.bloom import padded_vocab_size
+    from training.model.shapes import padded_vocab_size
 
     m = model_cfg
     rows = padded_vocab_size(m, 1)

@@ -107,7 +107,7 @@ def time_steps(step, batches, steps: int, device: torch.device) -> float:
 
 
 def model_flops_per_step(cfg) -> float:
-    from training.model.bloom import padded_vocab_size
+    from training.model.shapes import padded_vocab_size
     from training.plan.flops import model_flops_per_iteration
 
     return model_flops_per_iteration(cfg.model, padded_vocab_size(cfg.model, 1),

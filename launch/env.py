@@ -11,7 +11,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import List, Mapping, MutableMapping, Optional
 
-from training.config.loader import ConfigError
+from training.config.schema import ConfigError
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

@@ -276,7 +276,8 @@ def main(argv=None) -> int:
     from launch.env import distributed_env, export_torch_env
     from training.checkpoint.files import CheckpointError
     from training.config.checks import procs_per_node
-    from training.config.loader import ConfigError, load_config
+    from training.config.schema import ConfigError
+    from training.plan.planner import load_planned_config
     from training.evaluation.evaluate import EvalLayoutError
     from training.evaluation.harness_tasks import HarnessConfigError, check_tasks
     from training.hf.importer import HFFormatError
@@ -284,7 +285,7 @@ def main(argv=None) -> int:
 
     try:
         args, overrides = parse_args(argv)
-        cfg = load_config(overrides)
+        cfg = load_planned_config(overrides)
         if args.tasks and distributed_env() is None:  # a misspelt task: one line, before any process starts
             check_tasks(args.tasks, args.include_path, args.limit)
         nproc = cfg.launcher.nodes * procs_per_node(cfg)

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from data.errors import DataError
     from training.checkpoint.files import CheckpointError
-    from training.config.loader import ConfigError
+    from training.config.schema import ConfigError
     from training.hf.importer import HFFormatError, import_hf
 
     try:

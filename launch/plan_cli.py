@@ -54,12 +54,12 @@ def main(argv=None) -> int:
         del argv[i:i + 2]
     overrides = [a for a in argv if a != "--json"]
     overrides = with_recipe(overrides)
-    from training.config.loader import ConfigError, load_config
+    from training.config.schema import ConfigError
     from training.plan.plan_report import format_report, prediction_json
-    from training.plan.planner import plan
+    from training.plan.planner import load_planned_config, plan
 
     try:
-        cfg = load_config(overrides)
+        cfg = load_planned_config(overrides)
         if as_json:
             from training.config.checks import validate
 

@@ -28,7 +28,8 @@ warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not i
 
 from launch.slurm_template import TEMPLATE
 from training.config.checks import procs_per_node, validate
-from training.config.loader import ConfigError, RootConfig, load_config
+from training.config.schema import ConfigError, RootConfig
+from training.plan.planner import load_planned_config
 
 RDZV_PORT = 6000  # BigScience's tr11 rendezvous port
 PRE_TIMEOUT_SECONDS = 120  # SIGUSR1 this long before the time limit: time to save and exit
@@ -67,7 +68,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def checked_config(overrides: Sequence[str]) -> RootConfig:
     """The config, validated for the world size this job will have."""
-    cfg = load_config(overrides)
+    cfg = load_planned_config(overrides)
     launcher = cfg.launcher
     if launcher.gpus_per_node < 0:
         raise ConfigError(f"launcher.gpus_per_node={launcher.gpus_per_node} must not be negative")

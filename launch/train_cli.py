@@ -26,7 +26,8 @@ from data.errors import DataError  # noqa: E402
 from launch.env import distributed_env, export_torch_env  # noqa: E402
 from launch.local import relaunch_with_torchrun  # noqa: E402
 from training.checkpoint.files import CheckpointError  # noqa: E402
-from training.config.loader import ConfigError, load_config  # noqa: E402
+from training.config.schema import ConfigError  # noqa: E402
+from training.plan.planner import load_planned_config  # noqa: E402
 
 
 def fail(message: str, status: int = 2) -> int:
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
         print(__doc__)
         return 0
     try:
-        return launch(load_config(argv), argv)
+        return launch(load_planned_config(argv), argv)
     except (ConfigError, DataError, CheckpointError) as error:
         return fail(str(error))
     except KeyboardInterrupt:

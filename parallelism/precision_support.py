@@ -9,8 +9,6 @@ among them) lack; on CUDA, fp16 needs compute capability 7.0 and bf16 a GPU that
 import os
 from typing import Optional
 
-import torch
-
 # Tests force the answer either way: "fp16=no" or "fp16=yes,bf16=no"; unnamed precisions are asked.
 FORCE_ENV = "BLOOM_TEST_PRECISION_SUPPORT"
 ANSWERS = {"yes": True, "no": False}
@@ -29,6 +27,8 @@ def _forced(precision: str) -> Optional[bool]:
 
 
 def _why_not(accelerator, precision: str) -> str:
+    import torch  # only a CUDA answer needs it; config checks stay free of torch's import
+
     name = accelerator.device_name()
     if name == "cpu" and precision == "fp16":
         return "CPU: oneDNN has no fp16 kernels here; DeepSpeed refuses fp16"

@@ -6,7 +6,6 @@ parallel_state, so it is initialised for every run, a single process included.
 import datetime
 import os
 import socket
-from dataclasses import dataclass
 from typing import List, Sequence
 
 import torch
@@ -14,16 +13,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 from megatron.core import parallel_state
 
-
-@dataclass(frozen=True)
-class Layout:
-    tp: int
-    pp: int
-    dp: int
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+from parallelism.layout import Layout
 
 
 DEFAULT_TIMEOUT_S = 600.0  # Megatron's --distributed-timeout-minutes default (parallel.collective_timeout_s)

@@ -8,14 +8,14 @@ import yaml
 from tests.bloom_train import TINY_RUN, bloom_train, data_cache  # noqa: F401 (fixture)
 from training.config.checks import validate
 from training.config.loader import ConfigError, load_config
-from training.plan.planner import plan
+from training.plan.planner import load_planned_config, plan
 
 CLUSTER = ["experiment=bloom-7b1", "launcher.nodes=2", "launcher.gpus_per_node=8", "launcher.gpu_type=A100-40GB"]
 
 
 def test_auto_takes_the_winner():
     winner = plan(load_config(CLUSTER)).ranked[0].layout
-    cfg = load_config(CLUSTER + ["parallel.auto=true"])
+    cfg = load_planned_config(CLUSTER + ["parallel.auto=true"])
     p = cfg.parallel
     assert (p.tp, p.pp, p.dp, p.sequence_parallel, p.zero_stage) == (
         winner.tp, winner.pp, winner.dp, winner.sequence_parallel, winner.zero_stage)

@@ -21,7 +21,7 @@ from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from training.config.loader import ConfigError
+from training.config.schema import ConfigError
 from training.config.schema import SpikeConfig
 
 

@@ -27,13 +27,14 @@ from parallelism.watchdog import Heartbeat
 from training import exit_record
 from training.checkpoint.checkpointer import Checkpointer
 from training.config.checks import batch_schedule, validate
-from training.config.loader import ConfigError, to_yaml
+from training.config.loader import to_yaml
+from training.config.schema import ConfigError
 from training.evaluation.harness_tasks import TrainingHarness
 from training.plan.flops import model_flops_per_iteration, tflops_per_device
 from training.lr_schedule import learning_rate
 from training.metrics import MetricsLogger
 from training.spikes import SkipRanges, SpikeDetector
-from training.model.bloom import padded_vocab_size
+from training.model.shapes import padded_vocab_size
 
 
 class TrainingStopped(RuntimeError):

@@ -36,8 +36,8 @@ from training.checkpoint import files
 from training.checkpoint.file_image import FileImage
 from training.checkpoint.fragments import (MASTER, Fragment, FragmentReader, fragment_file, prepare_fragments,
                                           write_fragments)
-from training.config.loader import ConfigError
-from training.model.bloom import ffn_size, padded_vocab_size
+from training.config.schema import ConfigError
+from training.model.shapes import ffn_size, padded_vocab_size
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 # Fault injection for the tests: SIGKILL this process in the middle of saving this iteration.

@@ -10,11 +10,10 @@ from typing import Mapping
 from data.batch_schedule import BatchSchedule
 from data.errors import DataError
 from parallelism.precision_support import unsupported_reason
-from parallelism.topology import Layout
-from training.config.loader import ConfigError, RootConfig
-from training.model.kernels import BACKENDS
+from parallelism.layout import Layout
+from training.config.schema import KERNEL_BACKENDS, RECOMPUTE, ConfigError, RootConfig
 from training.plan.hardware import load_gpu
-from training.model.bloom import RECOMPUTE, ffn_size, padded_vocab_size
+from training.model.shapes import ffn_size, padded_vocab_size
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DECAY_STYLES = ("cosine", "linear", "constant")
@@ -52,7 +51,7 @@ def check_model(cfg: RootConfig) -> None:
              f"model.padded_vocab_size={padded} is smaller than model.vocab_size={m.vocab_size}")
     _require(padded % tp == 0,
              f"model.padded_vocab_size={padded} is not divisible by parallel.tp={tp}")
-    _require(m.kernels in BACKENDS, f"model.kernels={m.kernels} is not one of {', '.join(BACKENDS)}")
+    _require(m.kernels in KERNEL_BACKENDS, f"model.kernels={m.kernels} is not one of {', '.join(KERNEL_BACKENDS)}")
     _require(m.recompute in RECOMPUTE, f"model.recompute={m.recompute} is not one of {', '.join(RECOMPUTE)}")
     for key in ("hidden_dropout", "attention_dropout"):
         _require(0.0 <= getattr(m, key) < 1.0, f"model.{key}={getattr(m, key)} must be in [0, 1)")

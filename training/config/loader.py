@@ -3,7 +3,6 @@
 The compose API is used rather than @hydra.main: bloom-train must own its error messages (one line
 naming the bad key or value, no traceback) and must not change the working directory.
 """
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
 
@@ -14,27 +13,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import configs
-from data.config import DataConfig
-from training.config.schema import (LauncherConfig, LoggingConfig, ModelConfig, OptimConfig,
-                                    ParallelConfig, TrainerConfig)
+from training.config.schema import ConfigError, RootConfig
 
 CONFIG_DIR = Path(configs.__file__).parent
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message is one line naming the value."""
-
-
-@dataclass
-class RootConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)
-
 
 ConfigStore.instance().store(name="bloom_schema", node=RootConfig)
 
@@ -59,18 +40,14 @@ def _one_line(error: Exception) -> str:
 
 
 def load_config(overrides: List[str] = ()) -> RootConfig:
-    """The resolved, typed config for these command-line overrides (Hydra syntax)."""
+    """The typed config for these command-line overrides (Hydra syntax), as written: parallel.auto
+    is applied by training.plan.planner.load_planned_config, which the commands call."""
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             composed = compose("config", overrides=list(overrides))
         cfg = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException, ValueError) as error:
         raise ConfigError(_one_line(error)) from None
-    if cfg.parallel.auto:
-        # Every rank and every launcher plans the same config, so all run the same winner.
-        from training.plan.planner import apply_auto
-
-        apply_auto(cfg)
     return cfg
 
 

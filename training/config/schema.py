@@ -3,10 +3,23 @@
 Hydra merges the YAML tree in `configs/` onto these dataclasses, so a misspelt or unknown key is an
 error rather than a silently ignored setting. Values derived from others (padded vocab, DP size)
 are computed in `checks.py`, never stored twice. The data group's schema lives with the
-data pipeline (data/config.py); loader.py assembles the root.
+data pipeline (data/config.py); RootConfig below assembles the root, and loader.py fills it from
+the YAML tree.
 """
 from dataclasses import dataclass, field
 from typing import List, Optional
+
+from data.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line naming the value."""
+
+
+# model.kernels: see training/model/kernels.py.
+KERNEL_BACKENDS = ("eager", "torch", "flex", "apex", "auto")
+# model.recompute: what a block recomputes in backward instead of keeping (see ModelConfig).
+RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass
@@ -168,3 +181,14 @@ class LauncherConfig:
     partition: Optional[str] = None
     account: Optional[str] = None
     time: str = "20:00:00"
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)

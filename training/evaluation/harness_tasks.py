@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from training.config.loader import ConfigError
+from training.config.schema import ConfigError
 
 BOOTSTRAP_ITERS = 1000  # stderr of the non-mean metrics (perplexities); lm_eval's default 100000 takes minutes
 

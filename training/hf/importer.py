@@ -171,14 +171,15 @@ def model_shape(hf: dict, vocab: int) -> dict:
 def run_config_yaml(hf: dict, shape: dict, name: str, tokenizer_dir: Optional[Path]) -> str:
     """The resolved bloom-train config for continuing from the import: the demo defaults with
     this model's shape, BLOOM's 2048-token sequences, and the copied tokenizer."""
-    from training.config.loader import load_config, to_yaml
+    from training.config.loader import to_yaml
+    from training.plan.planner import load_planned_config
 
     overrides = [f"model.{key}={shape[key]}" for key in
                  ("hidden_size", "num_layers", "num_heads", "vocab_size", "padded_vocab_size",
                   "layer_norm_epsilon")]
     overrides += [f"model.{key}={hf[key]}" for key in ("init_std", "hidden_dropout", "attention_dropout")]
     overrides += ["data.seq_length=2048"]
-    cfg = load_config(overrides)
+    cfg = load_planned_config(overrides)
     cfg.model.name = name
     if tokenizer_dir is not None:
         cfg.data.tokenizer.path = str(tokenizer_dir)

@@ -36,20 +36,8 @@ from parallelism.tensor_parallel import TensorParallel, tensor_parallel_from_sta
 from training.model.alibi import alibi_slopes_for_rank
 from training.config.schema import ModelConfig
 from training.model.kernels import Kernels, select_kernels
+from training.model.shapes import ffn_size, padded_vocab_size
 from training.model.vocab_loss import chunked_vocab_parallel_cross_entropy
-
-
-def padded_vocab_size(cfg: ModelConfig, tp: int) -> int:
-    """The embedding's row count: the configured padded size, or the tokenizer vocabulary rounded
-    up to a multiple of pad_vocab_to_multiple_of x TP (Megatron's rule; 250680 -> 250880)."""
-    if cfg.padded_vocab_size is not None:
-        return cfg.padded_vocab_size
-    multiple = cfg.pad_vocab_to_multiple_of * tp
-    return -(-cfg.vocab_size // multiple) * multiple
-
-
-def ffn_size(cfg: ModelConfig) -> int:
-    return cfg.ffn_hidden_size or 4 * cfg.hidden_size
 
 
 class BloomAttention(nn.Module):
@@ -171,8 +159,6 @@ def hidden_dropout_stream(rng, sequence_parallel: bool):
     return rng.fork() if sequence_parallel else contextlib.nullcontext()
 
 
-# model.recompute: what a block recomputes in backward instead of keeping (see ModelConfig).
-RECOMPUTE = ("none", "selective", "full")
 
 
 def _recomputing(module: nn.Module) -> bool:

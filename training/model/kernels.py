@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.config.schema import KERNEL_BACKENDS as BACKENDS
 from training.model.alibi import relative_alibi_bias
 
-BACKENDS = ("eager", "torch", "flex", "apex", "auto")
 FLEX_MIN_HEAD_DIM_CUDA = 16  # inductor's FlexAttention lowering: "embedding dimension ... at least 16"
 
 

@@ -22,7 +22,7 @@ BLOOM_FACTS.md writes the pass factor as "c = 4/3": read 4 with recompute, 3 wit
 as the number 4/3 it would give a third of the published 150 TFLOPs.
 """
 from training.config.schema import ModelConfig
-from training.model.bloom import ffn_size
+from training.model.shapes import ffn_size
 
 
 def passes_over_blocks(recompute: bool) -> int:

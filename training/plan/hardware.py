@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 import yaml
 
 import configs
-from training.config.loader import ConfigError
+from training.config.schema import ConfigError
 
 CATALOGUE_DIR = Path(configs.__file__).parent / "hardware"
 KEYS = ("name", "peak_tflops", "memory_gib", "hbm_gbs", "nvlink_gbs", "network_gbs", "gpus_per_node")

@@ -58,9 +58,9 @@ from dataclasses import asdict, dataclass
 from typing import List
 
 from parallelism.pipeline_partition import stage_layer_counts
-from parallelism.topology import Layout
+from parallelism.layout import Layout
 from training.config.schema import ModelConfig
-from training.model.bloom import ffn_size, padded_vocab_size
+from training.model.shapes import ffn_size, padded_vocab_size
 from training.model.param_table import PARAMETERS, Part, Shape, shard_numel
 
 GIB = 2 ** 30

@@ -141,6 +141,7 @@ Global constants, the same for every GPU, model and layout (tests/test_performan
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Optional
 
+from training.config.schema import RECOMPUTE
 from training.plan.hardware import GPU
 
 ETA_GEMM = 0.72
@@ -154,7 +155,6 @@ ACCUMULATE_BYTES = 6.0
 ACCUMULATE_FP32_BYTES = 10.0
 LOSS_BYTES = 72.0
 ENGINES = ("megatron", "deepspeed")
-RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 and the run's duration and GPU-hours; and the one JSON object of `--json`."""
 from typing import List, Optional
 
-from training.config.loader import RootConfig
+from training.config.schema import RootConfig
 from training.plan.planner import MEMORY_MARGIN, Candidate, PlanResult, run_duration
 
 

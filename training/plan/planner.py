@@ -17,12 +17,13 @@ from typing import Dict, List, Optional
 
 from data.batch_schedule import BatchSchedule
 from data.errors import DataError
-from parallelism.topology import Layout as Topology
-from training.config.loader import ConfigError, RootConfig
-from training.model.bloom import ffn_size, padded_vocab_size
+from parallelism.layout import Layout as Topology
+from training.config.loader import load_config
+from training.model.shapes import ffn_size, padded_vocab_size
 from training.plan.hardware import GPU, load_gpu
 from training.plan.memory_estimate import estimate
-from training.plan.performance import RECOMPUTE, Layout, Prediction, Shape, predict
+from training.config.schema import RECOMPUTE, ConfigError, RootConfig
+from training.plan.performance import Layout, Prediction, Shape, predict
 
 MEMORY_MARGIN = 0.10  # keep 10% of the GPU's memory free: allocator fragmentation, NCCL buffers grow
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -232,3 +233,13 @@ def apply_auto(cfg: RootConfig) -> Candidate:
     cfg.trainer.micro_batch_size = lay.micro_batch
     cfg.model.recompute = lay.recompute
     return winner
+
+
+def load_planned_config(overrides=()) -> RootConfig:
+    """The config a command runs: load_config's, with the planner's winner put in when
+    parallel.auto=true. Every rank and every launcher plans the same config, so all run the same
+    winner."""
+    cfg = load_config(overrides)
+    if cfg.parallel.auto:
+        apply_auto(cfg)
+    return cfg

@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 from parallelism.pipeline_partition import stage_layer_counts
-from parallelism.topology import Layout
+from parallelism.layout import Layout
 from training.config.checks import batch_schedule, procs_per_node
-from training.config.loader import ConfigError, RootConfig
-from training.config.schema import ModelConfig
+from training.config.schema import ConfigError, ModelConfig, RootConfig
 from training.plan.hardware import load_gpu
 from training.plan.memory_estimate import estimate
-from training.model.bloom import build_model, ffn_size, padded_vocab_size
+from training.model.bloom import build_model
+from training.model.shapes import ffn_size, padded_vocab_size
 from training.model.param_table import Shape, iter_parameters, numel
 
 
