@@ -72,9 +72,22 @@ def no_cluster(reason: str, environ=os.environ):
     pytest.skip(reason)
 
 
+SLURM_COMMANDS = ("sbatch", "scontrol", "sinfo")  # what the cluster fixtures and submit() run
+
+
+def require_slurm_commands() -> None:
+    """no_cluster, naming the first SLURM command missing from PATH (which would otherwise end a
+    fixture in FileNotFoundError)."""
+    missing = [command for command in SLURM_COMMANDS if not shutil.which(command)]
+    if missing:
+        no_cluster(f"{missing[0]} is not on PATH: `apt-get install -y slurm-wlm munge` and "
+                   "`tests/slurm/start_cluster.sh` (as root) to run the SLURM tests")
+
+
 def ensure_namespace_cluster(nodes) -> tuple:
     """`nodes` of the three-node namespace cluster (start_cluster.sh --nodes 3), started if they do
     not all take jobs (a cluster of other nodes, the one-node one included, is replaced)."""
+    require_slurm_commands()
     if _cluster_name() not in (None, TEST_CLUSTER):
         no_cluster(f"this SLURM client reaches cluster {_cluster_name()!r}, not the test cluster "
                    f"{TEST_CLUSTER!r}: no test jobs are sent to it")
@@ -91,9 +104,7 @@ def ensure_namespace_cluster(nodes) -> tuple:
 
 def ensure_test_cluster() -> str:
     """The one-node test cluster's name once it answers, started if need be (no_cluster if not)."""
-    if not shutil.which("sbatch"):
-        no_cluster("sbatch is not on PATH: `apt-get install -y slurm-wlm munge` and "
-                   "`tests/slurm/start_cluster.sh` (as root) to run the SLURM tests")
+    require_slurm_commands()
     name = _cluster_name()
     if name not in (None, TEST_CLUSTER):
         no_cluster(f"this SLURM client reaches cluster {name!r}, not the one-node test cluster "
@@ -147,9 +158,19 @@ def test_no_cluster_fails_under_ci_and_skips_elsewhere(monkeypatch, ci, fails):
     assert_outcome(outcome, "the one-node SLURM cluster cannot start: "
                             "start_cluster.sh: error: slurmd died", ensure_test_cluster)
     assert (str(START),) in calls  # it did try to start the cluster
-    # No sbatch at all: the same decision.
+    # No SLURM at all (running one of its commands would raise FileNotFoundError): the same
+    # decision, from the one-node fixture and from the namespace cluster's (multinode, node faults).
     monkeypatch.setattr(shutil, "which", lambda cmd: None)
+
+    def no_such_command(*command, timeout=60):
+        raise FileNotFoundError(2, "No such file or directory", command[0])
+
+    monkeypatch.setattr(sys.modules[__name__], "_run", no_such_command)
     assert_outcome(outcome, "sbatch is not on PATH", ensure_test_cluster)
+    assert_outcome(outcome, "sbatch is not on PATH", lambda: ensure_namespace_cluster(("bloomnode1", "bloomnode2")))
+    # sbatch there but not scontrol: named too.
+    monkeypatch.setattr(shutil, "which", lambda cmd: None if cmd == "scontrol" else f"/usr/bin/{cmd}")
+    assert_outcome(outcome, "scontrol is not on PATH", lambda: ensure_namespace_cluster(("bloomnode1", "bloomnode2")))
 
 
 def test_no_cluster_is_decided_by_ci_alone():
