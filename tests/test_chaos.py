@@ -122,6 +122,22 @@ def draw_moments(seed: int) -> list:
     return moments
 
 
+def test_every_schedule_strikes_the_planned_writes():
+    """Whatever the seed: KILLS moments, WRITE_KILLS of them inside a write (ASYNC_WRITE_KILLS of
+    those async), the first a write at depth 0 one save past the start (the run's first
+    checkpoint, so that the next start finds none); every moment aims 1-3 iterations past the
+    resumed one."""
+    for seed in range(200):
+        moments = draw_moments(seed)
+        writes = [m for m in moments if m.kind == "write"]
+        assert len(moments) == KILLS and {m.kind for m in moments} == {"write", "step"}, (seed, moments)
+        assert (len(writes), sum(m.async_save for m in writes)) == (WRITE_KILLS, ASYNC_WRITE_KILLS), (seed, moments)
+        first = moments[0]
+        assert (first.kind, first.after, first.depth) == ("write", 1, 0.0), (seed, first)
+        assert all(1 <= m.after <= 3 and 0 <= m.depth < 1 and m.save_interval in (1, 2) for m in moments), seed
+    assert draw_moments(7) == draw_moments(7)  # BLOOM_CHAOS_SEED replays the same moments
+
+
 # -- one launch, killed -----------------------------------------------------------------------
 
 @dataclass
@@ -248,7 +264,7 @@ def test_ten_sigkills_with_restarts_end_bitwise_equal_with_no_checkpoint_lost(tm
     print(f"chaos seed {seed} (replay: {SEED_ENV}={seed}); precision {precision()}", flush=True)
     expected, n_files = reference
     run = tmp_path / "run"
-    latest, struck_writes = 0, 0
+    latest, struck = 0, []  # (async?) of each write a kill struck while it was in progress
     for i, moment in enumerate(draw_moments(seed), 1):
         why = f"seed {seed}, kill {i} ({moment})"
         args = overrides(run, data_cache, async_save=moment.async_save, save_interval=moment.save_interval)
@@ -263,10 +279,11 @@ def test_ten_sigkills_with_restarts_end_bitwise_equal_with_no_checkpoint_lost(tm
         check_every_checkpoint(run / "checkpoints", why)
         if moment.kind == "write":
             check_struck_write(kill, run / "checkpoints", latest_after, why)
-            struck_writes += 1
+            struck.append(moment.async_save)
         check_metrics(run, expected, why)
         latest = latest_after
-    assert struck_writes >= 3
+    # every write the schedule planned was struck in progress, the async ones among them
+    assert (len(struck), sum(struck)) == (WRITE_KILLS, ASYNC_WRITE_KILLS), f"seed {seed}: struck {struck}"
 
     logs, start = _logs(run), time.monotonic()
     final, _ = launch(overrides(run, data_cache, async_save=True, save_interval=2), tmp_path / "final.log")
