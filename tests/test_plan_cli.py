@@ -10,7 +10,9 @@ import pytest
 from launch.plan_cli import main as bloom_plan
 from training.config.loader import load_config
 from training.plan.flops import megatron_flops
-from training.plan.planner import MEMORY_MARGIN, memory_gib, plan
+from training.plan import performance
+from training.plan.hardware import load_gpu
+from training.plan.planner import ENGINE, MEMORY_MARGIN, memory_gib, model_shape, plan
 
 
 def _lines(capsys):
@@ -57,7 +59,20 @@ def test_bigscience_layout_rank_and_winner_gain(size, capsys):
     assert result.configured_rank is not None  # BigScience's layout fits its own hardware
     assert result.ranked[result.configured_rank - 1].key() == c.key()
     gain = result.ranked[0].prediction.tokens_per_sec / c.prediction.tokens_per_sec - 1
-    assert gain >= 0
+    # Independently of plan(): the configured layout as the config spells it, and the winner's,
+    # each predicted on its own; a step holds the same tokens in both, so the gain is the ratio of
+    # their step times. The winner gains exactly when the configured layout is not #1.
+    p, t, world = cfg.parallel, cfg.trainer, cfg.launcher.nodes * cfg.launcher.gpus_per_node
+    mine = performance.Layout(p.tp, p.pp, world // (p.tp * p.pp), t.micro_batch_size, t.global_batch_size,
+                              cfg.model.recompute, p.sequence_parallel, p.zero_stage, t.precision)
+    assert c.layout == mine
+
+    def step_s(lay):
+        return performance.predict(model_shape(cfg, lay.tp), lay, load_gpu(cfg.launcher.gpu_type),
+                                   cfg.launcher.gpus_per_node, engine=ENGINE).step_time_s
+
+    assert gain == pytest.approx(step_s(mine) / step_s(result.ranked[0].layout) - 1, rel=1e-9)
+    assert (gain > 0) == (result.configured_rank > 1)
     assert bloom_plan([f"experiment={size}", "--top", "3"]) == 0
     out, _ = _lines(capsys)
     line = next(line for line in out if line.startswith("configured:"))
