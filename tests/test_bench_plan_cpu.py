@@ -19,7 +19,10 @@ def test_benchmark_prints_every_row(tmp_path):
     for row in result["rows"]:
         gpu = load_gpu(row["hardware"])  # each launch's measured entry is a valid catalogue file
         assert gpu.peak("fp32") > 0 and gpu.hbm_gbs > 0 and gpu.nvlink_gbs > 0 and gpu.elementwise_gbs > 0
-        assert gpu.solo_speedup >= 1
+        # the measured ratio (alone over together), unclamped, and the entry's: it, at least 1
+        measured = row["rates"]["solo_speedup"]
+        assert 0 < measured < math.inf
+        assert gpu.solo_speedup == round(max(1.0, measured), 3)
         assert yaml.safe_load(open(row["hardware"]))["name"] == "cpu-measured"
     rows = [(r["layout"], r["micro_batches"]) for r in result["rows"]]
     assert rows == [("PP2", 1), ("PP2", 2), ("PP2", 4), ("PP2", 8), ("TP2", 8), ("DP2", 4)]
@@ -28,3 +31,13 @@ def test_benchmark_prints_every_row(tmp_path):
     printed = bench_plan_cpu.report(result, args).splitlines()
     table = [line for line in printed if line.startswith(("PP2", "TP2", "DP2"))]
     assert [tuple(line.split()[:2]) for line in table] == [(name, str(m)) for name, m in rows]
+
+
+def test_solo_speedup_is_written_as_measured_and_at_least_1(tmp_path):
+    """A process measured slower alone than with its peer (noise on a shared machine) is not made
+    to predict a slowdown: the entry writes 1; a speedup is written as measured."""
+    rates = {"step_gemms": [[64, 64, 64, 10, 1e-4]], "memory_gbs": 10.0, "elementwise_gbs": 2.0,
+             "allreduce_gbs": 1.0, "allreduce_latency_s": 2e-5}
+    for measured, written in [(0.8, 1.0), (1.0, 1.0), (1.6667, 1.667)]:
+        entry = bench_plan_cpu.hardware_yaml(dict(rates, solo_speedup=measured), tmp_path / f"{measured}.yaml")
+        assert load_gpu(str(entry)).solo_speedup == written
