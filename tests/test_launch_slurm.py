@@ -380,6 +380,7 @@ def test_parallel_auto_under_slurm_runs_the_planners_winner(slurm_cluster, tmp_p
     config and take the same winner, which trains."""
     import yaml
 
+    from tests.test_parallel_auto import chosen, configured
     from training.config.loader import load_config
     from training.plan.planner import plan
 
@@ -388,15 +389,16 @@ def test_parallel_auto_under_slurm_runs_the_planners_winner(slurm_cluster, tmp_p
                  "launcher.time=00:05:00", f"trainer.run_dir={run_dir}", f"data.cache_dir={data_cache}",
                  *TINY_RUN, "trainer.train_iters=2", "parallel.auto=true"]
     winner = plan(load_config(overrides)).ranked[0].layout
+    # auto changes the run: the winner is not what the config says without it
+    assert chosen(winner) != configured(load_config(overrides), 2), "auto would change nothing here"
     job_id = submit(overrides)
     state = wait_for(job_id)
     out, err = job_logs(run_dir, job_id)
     assert state == "COMPLETED exit 0:0", f"job {job_id}: {state}\n{out[-2000:]}\n{err[-3000:]}"
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     p, t = resolved["parallel"], resolved["trainer"]
-    assert (p["tp"], p["pp"], p["zero_stage"], p["sequence_parallel"], t["micro_batch_size"]) == (
-        winner.tp, winner.pp, winner.zero_stage, winner.sequence_parallel, winner.micro_batch)
-    assert resolved["model"]["recompute"] == winner.recompute
+    assert (p["tp"], p["pp"], p["dp"], t["micro_batch_size"], resolved["model"]["recompute"], p["sequence_parallel"],
+            p["zero_stage"]) == chosen(winner)
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if "lm_loss" in line]
     assert steps == [1, 2]
