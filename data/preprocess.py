@@ -13,9 +13,18 @@ from pathlib import Path
 
 from data.errors import DataError
 
+EXAMPLES = """Without --tokenizer, --train-tokenizer-vocab N first trains a BLOOM-style tokenizer on the
+inputs (alpha-smoothed) into OUTPUT_DIR/tokenizer. Errors print one line `error: ...`, exit status 2.
+
+Examples:
+  bloom-preprocess --input data/corpora --train-tokenizer-vocab 8000 --output-dir data_cache/processed
+  bloom-preprocess --input /data/oscar --tokenizer path/to/bloom-tokenizer --output-dir /data/processed --workers 32
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bloom-preprocess", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="bloom-preprocess", description=__doc__.split("\n\n")[0].replace("`", ""),
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", "-i", nargs="+", required=True,
                    help="JSONL files (.gz/.bz2/.xz/.zst too), folders of them, or HF dataset dirs")
     p.add_argument("--output-dir", "-o", required=True, help="where <name>.bin/.idx and summary.json go")

@@ -36,6 +36,12 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 PROG = "bloom-eval"
+EXAMPLES = """Examples:
+  bloom-eval runs/bloom-tiny/checkpoints --data data/corpora/udhr
+  bloom-eval runs/bloom-tiny/checkpoints/iter_00000300 --data data/corpora/udhr/en.jsonl --seq-length 128
+  bloom-eval path/to/bloom-560m --tasks lambada_openai,arc_easy --limit 100 --out scores.json
+  bloom-eval runs/bloom-tiny/checkpoints --data data/corpora/udhr parallel.tp=2 launcher.nproc_per_node=2
+"""
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 ALLOWED_OVERRIDES = ("parallel.", "launcher.", "model.kernels=")
 RESULT_FLAG, SOURCE_FLAG = "--result-file", "--source"
@@ -50,15 +56,13 @@ def fail(message: str, status: int = 2) -> int:
     return status
 
 
-def parse_args(argv):
-    overrides = [a for a in argv if OVERRIDE.match(a)]
-    options = [a for a in argv if not OVERRIDE.match(a)]
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint dir, checkpoints dir with `latest`, or HF dir")
     parser.add_argument("--data", nargs="+", help="JSONL files or folders (text, lang)")
     parser.add_argument("--seq-length", type=int, help="default: the checkpoint config's data.seq_length, else 2048")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     parser.add_argument("--tokenizer", help="default: the checkpoint's tokenizer/")
     parser.add_argument("--tasks", help="comma-separated lm_eval task names")
     parser.add_argument("--include-path", help="a folder of lm_eval task YAMLs")
@@ -69,7 +73,13 @@ def parse_args(argv):
     # Set by the torchrun relaunch: where rank 0 writes its result, and the path the user gave.
     parser.add_argument(RESULT_FLAG, help=argparse.SUPPRESS)
     parser.add_argument(SOURCE_FLAG, help=argparse.SUPPRESS)
-    args = parser.parse_args(options)
+    return parser
+
+
+def parse_args(argv):
+    overrides = [a for a in argv if OVERRIDE.match(a)]
+    options = [a for a in argv if not OVERRIDE.match(a)]
+    args = build_parser().parse_args(options)
     for override in overrides:
         if not override.startswith(ALLOWED_OVERRIDES):
             raise UsageError(f"{override}: only parallel.*, launcher.* and model.kernels apply to "
@@ -270,7 +280,7 @@ def relaunch(args, cfg, argv, nproc: int) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
+        print(build_parser().format_help())  # the description, the options, then the examples
         return 0
     from data.errors import DataError
     from launch.env import distributed_env, export_torch_env

@@ -18,6 +18,11 @@ import warnings
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 PROG = "bloom-export"
+EXAMPLES = """Examples:
+  bloom-export runs/bloom-tiny/checkpoints --out hf/bloom-tiny
+  bloom-export runs/bloom-176b/checkpoints/iter_00095000 --out hf/bloom-176b --max-shard-size 5GB --skip-self-check
+  bloom-export runs/bloom-tiny/checkpoints --out hf/bloom-tiny --push-to-hub me/bloom-tiny --private
+"""
 
 
 def fail(message: str, status: int = 2) -> int:
@@ -26,9 +31,9 @@ def fail(message: str, status: int = 2) -> int:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint")
+    parser.add_argument("checkpoint", help="iter_XXXXXXXX directory, or a checkpoints directory with `latest`")
     parser.add_argument("--out", required=True, help="the HF directory to create (must not exist or be empty)")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--max-shard-size", default="2GB", help="HF size string (2GB, 500MB) or bytes")

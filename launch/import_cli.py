@@ -13,6 +13,10 @@ import warnings
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 PROG = "bloom-import"
+EXAMPLES = """Examples:
+  bloom-import path/to/bloom-560m --out runs/bloom-560m/checkpoints
+  bloom-train model=bloom-560m trainer.run_dir=runs/bloom-560m trainer.resume=runs/bloom-560m/checkpoints/iter_00000000
+"""
 
 
 def fail(message: str) -> int:
@@ -21,7 +25,7 @@ def fail(message: str) -> int:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("hf_dir", help="directory with config.json and *.safetensors")
     parser.add_argument("--out", required=True, help="checkpoints directory to write iter_00000000 into")

@@ -1,14 +1,23 @@
 """bloom-plan: which TP x PP x DP, micro-batch, recompute, sequence parallelism and ZeRO stage to
 run on a cluster, whether it fits, and how long the run takes.
 
-    bloom-plan [--json] [--top N] [hydra overrides...]
-    bloom-plan model=bloom-7b1 launcher.nodes=2 launcher.gpus_per_node=8 launcher.gpu_type=A100-40GB
-    bloom-plan experiment=bloom-176b --json        # the configured layout's prediction, one JSON object
+usage: bloom-plan [--json] [--top N] [GROUP=OPTION ...] [KEY=VALUE ...]
+
+  --json       only the configured layout's prediction, one JSON object
+  --top N      rank and print the N best layouts (default 10)
+  overrides    bloom-train's Hydra overrides (bloom-train --help lists them); model=bloom-<size>
+               without experiment= plans BigScience's recipe for that size (experiment=bloom-<size>)
 
 The cluster is launcher.nodes x launcher.gpus_per_node of launcher.gpu_type (configs/hardware/).
 Any GPT-shaped model can be given by model.hidden_size, model.num_layers, model.num_heads,
 model.vocab_size, model.padded_vocab_size, data.seq_length, trainer.global_batch_size.
 The models: training/plan/performance.py (step time), training/plan/memory_estimate.py (memory).
+Run the winner with bloom-train ... parallel.auto=true. Imports neither torch nor DeepSpeed.
+
+Examples:
+  bloom-plan model=bloom-7b1 launcher.nodes=2 launcher.gpus_per_node=8 launcher.gpu_type=A100-40GB
+  bloom-plan experiment=bloom-176b --json
+  bloom-plan experiment=bloom-176b launcher.gpu_type=H100-80GB --top 3
 """
 import json
 import sys

@@ -10,12 +10,17 @@ import sys
 from pathlib import Path
 
 PROG = "bloom-plot"
+EXAMPLES = """Examples:
+  bloom-plot runs/bloom-tiny --out plots/bloom-tiny
+  bloom-plot runs/bloom-tiny runs/bloom-tiny-bf16 --out plots/compare
+"""
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR")
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="a bloom-train run directory")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the PNGs go")
     args = parser.parse_args(argv)
     from training.plots import PlotError, plot_runs
 

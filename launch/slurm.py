@@ -1,16 +1,27 @@
 """bloom-slurm: render (and optionally submit) the sbatch script for a bloom-train run.
 
-    bloom-slurm [hydra overrides...] [--submit] [--out FILE] [--cpus-per-task N] [--exclusive]
-                [--port PORT] [--step-wait SECONDS]
+usage: bloom-slurm [GROUP=OPTION ...] [KEY=VALUE ...] [--submit] [--out FILE] [--cpus-per-task N]
+                   [--exclusive] [--port PORT] [--step-wait SECONDS]
 
-    bloom-slurm experiment=bloom-176b launcher.partition=gpu launcher.account=ajs
-        prints the script; --out FILE writes it; --submit writes it into trainer.run_dir and runs
-        sbatch, printing the job id. --step-wait: how long srun waits for the other nodes once
-        one node's torchrun has exited (srun --wait, 60 s as BigScience ran): with a node lost,
-        its task never reports, so this is part of how long a failed job takes to end.
+  overrides            bloom-train's Hydra overrides (bloom-train --help lists them); the job is
+                       launcher.nodes x launcher.gpus_per_node in launcher.partition and
+                       launcher.account for launcher.time
+  (no --out, --submit) print the script on stdout
+  --out FILE           write the script to FILE
+  --submit             write it to trainer.run_dir/bloom-slurm.sbatch and sbatch it; prints the job id
+  --cpus-per-task N    CPUs per node's task (default: 8 per GPU)
+  --exclusive          whole nodes (#SBATCH --exclusive)
+  --port PORT          the rendezvous port (default 6000)
+  --step-wait SECONDS  how long srun waits for the other nodes once one node's torchrun has exited
+                       (srun --wait, 60 s as BigScience ran): with a node lost, its task never
+                       reports, so this is part of how long a failed job takes to end
 
 The layout is checked first (world size = launcher.nodes x processes per node), so a config that
 cannot be laid out is refused here, not after hours in the queue.
+
+Examples:
+  bloom-slurm experiment=bloom-176b launcher.partition=gpu launcher.account=ajs
+  bloom-slurm experiment=bloom-7b1 trainer.run_dir=runs/bloom-7b1 --submit
 """
 import argparse
 import os
@@ -29,7 +40,6 @@ warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not i
 from launch.slurm_template import TEMPLATE
 from training.config.checks import procs_per_node, validate
 from training.config.schema import ConfigError, RootConfig
-from training.plan.planner import load_planned_config
 
 RDZV_PORT = 6000  # BigScience's tr11 rendezvous port
 PRE_TIMEOUT_SECONDS = 120  # SIGUSR1 this long before the time limit: time to save and exit
@@ -68,6 +78,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def checked_config(overrides: Sequence[str]) -> RootConfig:
     """The config, validated for the world size this job will have."""
+    from training.plan.planner import load_planned_config  # Hydra: not for --help
+
     cfg = load_planned_config(overrides)
     launcher = cfg.launcher
     if launcher.gpus_per_node < 0:
