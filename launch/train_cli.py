@@ -164,12 +164,15 @@ def launch(cfg, argv) -> int:
     elif not cfg.trainer.dry_run and cfg.launcher.nodes > 1:
         return fail(f"launcher.nodes={cfg.launcher.nodes} needs a cluster launcher: "
                     "submit it with bloom-slurm, or start it under torchrun or srun")
-    elif not cfg.trainer.dry_run and procs_per_node(cfg) > 1:
-        validate(cfg, trains_here=True)  # one line here, not one traceback per rank
+    # Every value, on every path, before anything starts (no process, run dir or engine): one line
+    # here, not one traceback per rank. For the job's world size; a training run for this device.
+    validate(cfg, trains_here=not cfg.trainer.dry_run)
+    if env is None and not cfg.trainer.dry_run:
         from training.evaluation.harness_tasks import check_eval_tasks
         check_eval_tasks(cfg)  # trainer.eval_tasks' task names too
-        return relaunch_with_torchrun(procs_per_node(cfg), argv,
-                                      log_dir=os.path.join(cfg.trainer.run_dir, "logs", "ranks"))
+        if procs_per_node(cfg) > 1:
+            return relaunch_with_torchrun(procs_per_node(cfg), argv,
+                                          log_dir=os.path.join(cfg.trainer.run_dir, "logs", "ranks"))
     if cfg.trainer.dry_run:
         return dry_run(cfg)
     quiet_deepspeed()
