@@ -309,23 +309,34 @@ def test_pipeline_in_flight_micro_batches_match_the_estimate(measured):
 def test_fused_attention_keeps_no_scores_in_the_plan():
     """The plan of a GPU run counts the s*s attention terms only for the eager kernel: flex and SDPA's
     fused kernels keep none (on an H200, bf16, seq 2048, recompute none and selective peaked at the
-    same memory, README). With eager, none keeps exactly selective's bytes plus the attention core."""
+    same memory, README). Against the bytes counted here from the shapes (bf16, both dropouts, a
+    1-byte mask on GPU): a block keeps Korthikanti's 34sbh outside the attention core, and the eager
+    kernel adds its core, a*s*s*b scores x (4 fp32 softmax output + 2 dropout output + 1 mask)."""
     from dataclasses import replace
 
     from training.config.schema import ModelConfig
-    from training.plan.memory_estimate import attention_core_bytes, estimate
+    from training.plan.memory_estimate import estimate
 
     model = ModelConfig(hidden_size=1024, num_layers=4, num_heads=16, vocab_size=8192, hidden_dropout=0.1,
                         attention_dropout=0.1)
     layout, seq, micro = Layout(1, 1, 1), 2048, 2
+    L, sbh = model.num_layers, seq * micro * model.hidden_size
+    block = 34 * sbh  # 16sbh values x 2 bytes (LayerNorm, QKV and FFN inputs, Q, K, V, context, GeLU in/out) + 2sbh mask
+    full = 2 * sbh  # full recomputation keeps the block's input
+    core = model.num_heads * seq * seq * micro * (4 + 2 + 1)
 
-    def activations(kernels, recompute):
+    def activations(kernels, recompute):  # bytes; the logits (last stage) cancel in the differences
         cfg = replace(model, kernels=kernels, recompute=recompute)
-        return estimate(cfg, layout, "bf16", 1, seq, micro, 1)[0].activations
+        return estimate(cfg, layout, "bf16", 1, seq, micro, 1)[0].activations * 2 ** 30
 
-    assert activations("auto", "none") == activations("auto", "selective") == activations("flex", "none")
-    core = model.num_layers * attention_core_bytes(model, 1, seq, micro, 2, 1) / 2 ** 30
-    # eager: every layer keeps its core with none; selective holds one layer's while recomputing it
-    assert activations("eager", "none") - activations("eager", "selective") == pytest.approx(
-        core - core / model.num_layers)
-    assert activations("eager", "full") > activations("auto", "full")  # the recomputed block's scores
+    for fused in ("auto", "flex"):
+        # fused: every layer keeps its block and no core, with none as with selective; full keeps
+        # the inputs and holds one recomputed block (no core) during its backward
+        for recompute in ("none", "selective"):
+            assert activations(fused, recompute) - activations(fused, "full") == pytest.approx(
+                L * block - (L * full + block)), (fused, recompute)
+    # eager: every layer keeps its core with none; selective holds one layer's while recomputing
+    # it; full's recomputed block holds its core too
+    assert activations("eager", "none") - activations("auto", "none") == pytest.approx(L * core)
+    assert activations("eager", "none") - activations("eager", "selective") == pytest.approx((L - 1) * core)
+    assert activations("eager", "full") - activations("auto", "full") == pytest.approx(core)
