@@ -16,7 +16,6 @@ partition. Format 1 checkpoints (whole TP shards; bloom-import writes them) load
 import functools
 import json
 import os
-import random
 import shutil
 import signal
 import threading
@@ -24,48 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from deepspeed.utils import (safe_get_local_fp32_param, safe_get_local_optimizer_state,
-                             safe_set_local_fp32_param, safe_set_local_optimizer_state)
 from megatron.core import parallel_state
 
-from training.engine.pipeline import canonical_name
 from training.checkpoint import files
 from training.checkpoint.file_image import FileImage
 from training.checkpoint.fragments import (MASTER, Fragment, FragmentReader, fragment_file, prepare_fragments,
                                           write_fragments)
+from training.checkpoint.model_shape import check_same_model, model_shape
+from training.checkpoint.rng_state import rng_state, set_rng_state
 from training.config.schema import ConfigError
-from training.model.shapes import ffn_size, padded_vocab_size
-
-ADAM_STATES = ("exp_avg", "exp_avg_sq")
+from training.engine.optimizer_state import ADAM_STATES, OptimizerState
 # Fault injection for the tests: SIGKILL this process in the middle of saving this iteration.
 KILL_DURING_SAVE_ENV = "BLOOM_TEST_KILL_DURING_SAVE"
-
-
-def model_shape(cfg, tp: int) -> dict:
-    m = cfg.model
-    return {"hidden_size": m.hidden_size, "num_layers": m.num_layers, "num_heads": m.num_heads,
-            "vocab_size": m.vocab_size, "padded_vocab_size": padded_vocab_size(m, tp),
-            "ffn_hidden_size": ffn_size(m), "layer_norm_epsilon": m.layer_norm_epsilon}
-
-
-def check_same_model(saved: dict, current: dict, directory: Path) -> None:
-    """Refuse a checkpoint of another model. The padded vocabulary counts: its extra rows' logits
-    enter the softmax, so a model with other padding is another function (pin
-    model.padded_vocab_size, as BLOOM pins 250880, to move a checkpoint between TP sizes)."""
-    for key in ("hidden_size", "num_layers", "num_heads", "vocab_size", "ffn_hidden_size"):
-        if saved.get(key) != current[key]:
-            raise ConfigError(
-                f"checkpoint {directory} holds a model with {key}={saved.get(key)} but this config "
-                f"builds {key}={current[key]}: the model shape cannot change on resume")
-    rows = saved.get("padded_vocab_size")
-    if rows is not None and rows != current["padded_vocab_size"]:
-        raise ConfigError(
-            f"checkpoint {directory} has {rows} vocabulary rows but this config builds "
-            f"{current['padded_vocab_size']} (model.padded_vocab_size, or the vocabulary padded to a "
-            f"multiple of 128 x TP): set model.padded_vocab_size={rows} to continue the same model")
 
 
 @dataclass(frozen=True)
@@ -122,72 +93,12 @@ class Checkpointer:
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.params = self._local_parameters()
+        self.state = OptimizerState(engine, cfg.model.num_layers)
+        self.params = self.state.params  # [(canonical name, parameter)] this rank holds
         self._pending: Optional[PendingSave] = None
         self._images: dict = {}  # kind -> the FileImage of the last background save (reused)
         self._pruner: Optional[threading.Thread] = None  # deleting old checkpoints (see _prune)
         self._ranges: dict = {}  # per load, at ZeRO: name -> this rank's partition (see _needed)
-
-    # -- which parameters this rank holds, under canonical names ------------------------------
-
-    def _local_parameters(self) -> list:
-        module = self.engine.module
-        named = list(module.named_parameters())
-        if not self.engine.pipelined:
-            return named
-        layers = self.cfg.model.num_layers
-        return [(canonical_name(name, layers), p) for name, p in named]
-
-    # -- optimizer state access, whatever DeepSpeed wrapped around our AdamW ------------------
-
-    def _zero(self) -> bool:
-        """ZeRO's optimizer holds the fp32 masters and Adam state (stages 1-2 link each parameter
-        to them with `_hp_mapping`, stage 3 with `ds_id`); DeepSpeed's safe_* helpers read both."""
-        first = self.params[0][1]
-        return hasattr(first, "_hp_mapping") or self._zero3()
-
-    def _zero3(self) -> bool:
-        return hasattr(self.params[0][1], "ds_id")
-
-    def _ensure_adam_state(self) -> None:
-        """Adam creates its moments at the first step; a checkpoint loaded before any step needs
-        them now, zero, with step 0 (what the first step would have found)."""
-        base, zero = self.engine.optimizer, self.engine.engine.optimizer
-        if self._zero3():
-            targets = zero.fp32_partitioned_groups_flat
-        elif self._zero():
-            targets = _flat_fp32_partitions(zero)
-        else:
-            targets = [p for _, p in self.params]
-        for tensor in targets:
-            if not base.state.get(tensor):
-                base.state[tensor] = {"step": torch.tensor(0.0),
-                                      "exp_avg": torch.zeros_like(tensor, memory_format=torch.preserve_format),
-                                      "exp_avg_sq": torch.zeros_like(tensor, memory_format=torch.preserve_format)}
-        if self._zero() and not self._zero3():
-            # DeepSpeed links each parameter to its Adam state once, after the first step of the
-            # first group, so later groups stay unlinked; link again now that every state exists.
-            zero._hp_optimizer_states_linked = False
-            zero._lazy_init_hp_params_optimizer_state()
-
-    def _set(self, param, key: Optional[str], value: torch.Tensor) -> None:
-        """Without ZeRO: the parameter and its Adam state are the optimizer's own tensors."""
-        with torch.no_grad():
-            target = param if key is None else self.engine.optimizer.state[param][key]
-            target.copy_(value.to(param.device))
-
-    def _adam_step(self) -> float:
-        for state in self.engine.optimizer.state.values():
-            if "step" in state:
-                return float(state["step"])
-        return 0.0
-
-    def _set_adam_step(self, step: float) -> None:
-        for state in self.engine.optimizer.state.values():
-            state["step"] = torch.tensor(float(step))
-
-    def _loss_scaler(self):
-        return getattr(self.engine.engine.optimizer, "loss_scaler", None)
 
     # -- saving ------------------------------------------------------------------------------
 
@@ -258,23 +169,20 @@ class Checkpointer:
         """Everything this rank saves, taken at the step boundary: copied into the images of its
         files (copy=True, for a background write: the host copy), or flat views of the tensors
         (for a write that finishes before training goes on; it copies into the image itself)."""
-        moments = self._has_moments()
+        moments = self.state.has_moments()
         if moments:
-            self._ensure_adam_state()
+            self.state.ensure_adam_state()
         model, optim = [], []
         for name, param in self.params:
             if not self._owns(name):
                 continue
-            piece = self._local_piece(param, moments)
+            piece = self.state.local_piece(param, moments)
             if piece is None:
                 continue
             offset, numel, master, states = piece
             fragment = functools.partial(self._fragment, name, param, offset, numel)
             model.append((fragment(MASTER), master.detach().reshape(-1)))
             optim += [(fragment(key), value.detach().reshape(-1)) for key, value in states.items()]
-        scaler = self._loss_scaler()
-        scaler_state = {k: getattr(scaler, k) for k in ("cur_scale", "cur_iter", "last_overflow_iter",
-                                                       "cur_hysteresis") if scaler and hasattr(scaler, k)}
         loop = LoopPosition(loop_state.iteration, loop_state.consumed_samples, loop_state.consumed_tokens,
                             json.dumps(getattr(loop_state, "spikes", {})))  # a copy, as of this step
         if copy:
@@ -284,7 +192,7 @@ class Checkpointer:
                             for kind, pieces in (("model", model), ("optim", optim)))
             self._images = {"model": model, "optim": optim}
         return Snapshot(model, optim, rng_state(self.engine), loop,
-                        {"adam_step": self._adam_step(), "loss_scaler": scaler_state})
+                        {"adam_step": self.state.adam_step(), "loss_scaler": self.state.loss_scaler_state()})
 
     def _write(self, staging: Path, snapshot: "Snapshot") -> dict:
         """Write this rank's files of a snapshot; returns their manifest entries."""
@@ -314,48 +222,15 @@ class Checkpointer:
             return False
         if files.split_of(name).dim is None and self.tp_rank != 0:
             return False
-        return self._zero() or self.dp_rank == 0
-
-    def _partition(self, param) -> Optional[tuple]:
-        """(offset, numel) in the flattened TP shard of `param` of the range this rank's ZeRO
-        partition holds, None when it holds none of it (ZeRO only)."""
-        if self._zero3():
-            size = param.ds_tensor.ds_numel
-            offset = dist.get_rank(group=param.ds_process_group) * size
-            numel = max(0, min(size, param.ds_numel - offset))  # the last partition is padded
-            return (offset, numel) if numel else None
-        mapping = param._hp_mapping
-        if mapping is None:
-            return None
-        return mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
-
-    def _local_piece(self, param, moments: bool):
-        """(offset, numel, master, {state: moment}) of the flat range of this rank's TP shard of
-        `param` that this rank's optimizer holds, or None when it holds none of it."""
-        keys = ADAM_STATES if moments else ()
-        if not self._zero():
-            state = self.engine.optimizer.state.get(param, {})
-            return 0, param.numel(), param.detach(), {k: state[k] for k in keys}
-        partition = self._partition(param)
-        if partition is None:
-            return None
-        offset, numel = partition
-        if self._zero3():
-            return offset, numel, safe_get_local_fp32_param(param)[:numel], \
-                {k: safe_get_local_optimizer_state(param, k)[:numel] for k in keys}
-        mapping = param._hp_mapping
-        return offset, numel, mapping.hp_fragment, {k: mapping.get_optim_state_fragment(k) for k in keys}
+        return self.state.zero() or self.dp_rank == 0
 
     def _fragment(self, name: str, param, offset: int, numel: int, state: str) -> Fragment:
         dim = files.split_of(name).dim
-        shape = list(param.ds_shape if self._zero3() else param.shape)
+        shape = self.state.shape(param)
         tp_rank, tp_size = (0, 1) if dim is None else (self.tp_rank, self.layout.tp)
         if dim is not None:
             shape[dim] *= tp_size
         return Fragment(name, state, tuple(shape), dim, tp_rank, tp_size, offset, numel)
-
-    def _has_moments(self) -> bool:
-        return self._adam_step() > 0
 
     def _write_rank0_files(self, staging: Path, snapshot: "Snapshot") -> dict:
         """The small files (Adam's step and loss scale, the loop position, the config, the
@@ -475,20 +350,16 @@ class Checkpointer:
         self._ranges, self._readers = {}, {}
         read = _agreed(lambda: self._verified_reader(directory, manifest, has_optim, read_rng and rng_file))
         meta = json.loads((Path(directory) / "optim" / "meta.json").read_text()) if has_optim else {}
-        self._ensure_adam_state()
+        self.state.ensure_adam_state()
         for name, param in self.params:
-            self._put(name, param, None, read("model", name, MASTER))
-        if self._zero3():
-            self._refresh_zero3_weights()
-        elif self._ranges:
-            # The model's own weights from the fp32 partitions, all-gathered over DP.
-            self.engine.engine.optimizer.update_lp_params()
+            self.state.put(param, None, read("model", name, MASTER))
+        self.state.refresh_weights()
         if has_optim:
             for key in ADAM_STATES:
                 for name, param in self.params:
-                    self._put(name, param, key, read("optim", name, key))
-            self._set_adam_step(meta.get("adam_step", 0.0))
-            self._restore_scaler(meta.get("loss_scaler", {}))
+                    self.state.put(param, key, read("optim", name, key))
+            self.state.set_adam_step(meta.get("adam_step", 0.0))
+            self.state.restore_loss_scaler(meta.get("loss_scaler", {}))
         if read_rng:
             set_rng_state(self.engine, torch.load(Path(directory) / rng_file, weights_only=True))
         state = json.loads((Path(directory) / "trainer_state.json").read_text())
@@ -511,7 +382,7 @@ class Checkpointer:
         readers = self._readers = {kind: FragmentReader(directory, manifest, kind)
                                    for kind in ("model", "optim") if kind == "model" or has_optim}
         states = {"model": [MASTER], "optim": list(ADAM_STATES)}
-        self._ranges = {name: self._partition(param) for name, param in self.params} if self._zero() else {}
+        self._ranges = {name: self.state.partition(param) for name, param in self.params} if self.state.zero() else {}
         for kind, reader in readers.items():
             for name, param in self.params:
                 needed = self._needed(name, param)
@@ -527,53 +398,18 @@ class Checkpointer:
             if needed is None:
                 return None
             value = readers[kind].read_range(name, state, *self._tp_coordinates(name), *needed)
-            return value if self._zero() else value.view(param.shape)
+            return value if self.state.zero() else value.view(param.shape)
         return read
 
     def _needed(self, name: str, param) -> Optional[tuple]:
         """(start, numel) of the flattened TP shard of `name` this rank loads: its ZeRO partition
         (None: it holds none), or the whole shard without ZeRO."""
-        if self._zero():
+        if self.state.zero():
             return self._ranges[name]
         return 0, param.numel()
 
-    def _put(self, name: str, param, key: Optional[str], value) -> None:
-        """Hand what read() returned to the optimizer: a ZeRO partition straight into its fp32
-        partition (stage 3: padded to the partition's size), a whole TP shard (no ZeRO) through
-        the setters."""
-        if name not in self._ranges:
-            self._set(param, key, value)
-        elif value is not None and self._zero3():
-            padded = torch.zeros(param.ds_tensor.ds_numel, dtype=torch.float32)
-            padded[:value.numel()] = value
-            if key is None:
-                safe_set_local_fp32_param(param, padded)
-            else:
-                safe_set_local_optimizer_state(param, padded, key)
-        elif value is not None:
-            mapping = param._hp_mapping
-            target = mapping.hp_fragment if key is None else mapping.get_optim_state_fragment(key)
-            with torch.no_grad():
-                target.copy_(value.to(target.device))
-
     def _tp_coordinates(self, name: str) -> tuple:
         return (0, 1) if files.split_of(name).dim is None else (self.tp_rank, self.layout.tp)
-
-    def _refresh_zero3_weights(self) -> None:
-        """Stage 3 keeps each rank's slice of the 16-bit weights apart from the fp32 masters: copy
-        the loaded masters into those slices, then regather the parameters it keeps whole
-        ("persistent"), as DeepSpeed does after each optimizer step."""
-        zero = self.engine.engine.optimizer
-        for group in range(len(zero.fp16_groups)):
-            zero._reassign_or_swap_out_partitioned_parameters(group)
-        if zero.persistent_parameters:
-            zero.persistent_parameters[0].all_gather(zero.persistent_parameters)
-
-    def _restore_scaler(self, saved: dict) -> None:
-        scaler = self._loss_scaler()
-        for key, value in saved.items():
-            if scaler is not None and hasattr(scaler, key):
-                setattr(scaler, key, value)
 
 
 def _agreed(work):
@@ -590,35 +426,3 @@ def _agreed(work):
     if failed:
         raise files.CheckpointError(failed[0])
     return result
-
-
-def _flat_fp32_partitions(zero) -> list:
-    """The flat fp32 partitions Adam steps on. DeepSpeed's ZeRO-1/2 optimizer calls them
-    single_partition_of_fp32_groups; in bf16 with fp32 gradient accumulation at ZeRO-1 (BLOOM-176B's
-    recipe) DeepSpeed runs its BF16_Optimizer instead, which calls them fp32_groups_flat_partition."""
-    if hasattr(zero, "single_partition_of_fp32_groups"):
-        return zero.single_partition_of_fp32_groups
-    return zero.fp32_groups_flat_partition
-
-
-def rng_state(engine) -> dict:
-    """Every random stream this rank draws from, as tensors, ints and lists (weights_only-safe)."""
-    version, keys, gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {"python": [version, list(keys), gauss],
-             "numpy": [np_kind, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
-             "torch": torch.get_rng_state(), "tp": engine.tp_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(engine, state: dict) -> None:
-    version, keys, gauss = state["python"]
-    random.setstate((version, tuple(keys), gauss))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    engine.set_tp_rng_state(state["tp"])
