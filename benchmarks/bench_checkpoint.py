@@ -163,7 +163,7 @@ def bench_rank(rank: int, layout, overrides: list, run_dir: str, out: str, round
     from tests.train_steps import make_engine, train
     from training.checkpoint import files
     from training.checkpoint.checkpointer import Checkpointer
-    from training.train import LoopState
+    from training.trainer import LoopState
 
     cfg, engine = make_engine(overrides + [f"trainer.run_dir={run_dir}"], layout)
     train(cfg, engine, layout, 0, 1)
@@ -209,7 +209,7 @@ def bench_async(cfg, engine, layout, checkpointer, rounds: int, min_steps: int, 
     import torch.distributed as dist
 
     from tests.train_steps import train
-    from training.train import LoopState
+    from training.trainer import LoopState
 
     gbs = cfg.trainer.global_batch_size
     step = 1  # one step was taken before the synchronous save

@@ -5,7 +5,7 @@
 
 Framework: the engine `bloom-train` runs (training/engine/engine.py's BloomEngine, built from
 the project's Hydra config with these overrides: one process, TP = PP = DP = 1, ZeRO as configured,
-`model.kernels=auto`), stepped the way training/train.py steps it (learning rate, then
+`model.kernels=auto`), stepped the way training/trainer.py steps it (learning rate, then
 `train_step(micro_batches)`).
 HF loop: `transformers.BloomForCausalLM` with the framework's initial weights (copied through
 training/hf/convert.py), the same micro-batches, `torch.optim.AdamW(foreach=True)` with the same

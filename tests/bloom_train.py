@@ -66,7 +66,7 @@ def run_trainer(overrides: list):
 
     from training.config.checks import validate
     from training.config.loader import load_config
-    from training.train import Trainer
+    from training.trainer import Trainer
 
     cfg = load_config(overrides)
     trainer = Trainer(cfg, validate(cfg, dist.get_world_size(), trains_here=True))

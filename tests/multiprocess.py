@@ -36,7 +36,7 @@ def _worker(rank, world_size, port, layout, fn, args):
 # spends ~3 s of CPU per process importing this stack, most of an 8-process launch on 2 cores.
 # The server itself never joins a process group, so its children start as clean as spawned ones.
 PRELOAD = ["torch", "deepspeed", "megatron.core", "transformers", "training.engine.engine",
-           "training.train", "training.checkpoint.checkpointer"]
+           "training.train", "training.trainer", "training.checkpoint.checkpointer"]
 
 
 def _start_method() -> str:

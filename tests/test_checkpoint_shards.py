@@ -39,7 +39,7 @@ from parallelism.topology import Layout
 from tests.multiprocess import run_processes
 from tests.train_steps import make_engine, train
 from training.checkpoint.checkpointer import Checkpointer
-from training.train import LoopState
+from training.trainer import LoopState
 
 STEPS = 1
 HIDDEN, LAYERS, VOCAB = 128, 4, 8192  # bloom-tiny as shipped (TINY pins no other shape)

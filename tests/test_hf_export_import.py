@@ -398,7 +398,7 @@ def hf_loss_on_first_batch(hf_dir: Path, args: list) -> float:
     from data.sampler import iter_global_batches
     from training.config.checks import batch_schedule
     from training.config.loader import load_config
-    from training.train import build_run_data
+    from training.trainer import build_run_data
 
     cfg = load_config(args)
     schedule = batch_schedule(cfg, 1)

@@ -23,7 +23,7 @@ from parallelism.topology import Layout
 from tests.multiprocess import run_processes
 from tests.train_steps import TINY, run_steps
 from training.config.loader import load_config
-from training.train import NonFiniteGuard, TrainingStopped
+from training.guards import NonFiniteGuard, TrainingStopped
 
 INJECT_AT = 2
 FP16_UNSUPPORTED = unsupported_reason("fp16")

@@ -25,7 +25,7 @@ from tests.multiprocess import run_processes
 from tests.train_steps import make_engine, train
 from training.checkpoint import files as checkpoint_files
 from training.checkpoint.checkpointer import Checkpointer
-from training.train import LoopState
+from training.trainer import LoopState
 
 SAVE_AT, CONTINUE = 3, 3
 RTOL = 1e-4

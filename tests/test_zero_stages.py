@@ -20,7 +20,7 @@ from parallelism.topology import Layout
 from tests.multiprocess import run_processes
 from tests.train_steps import make_engine, train
 from training.checkpoint.checkpointer import Checkpointer
-from training.train import LoopState
+from training.trainer import LoopState
 
 SAVE_AT, STEPS = 3, 6
 RTOL = 1e-4

@@ -1,12 +1,12 @@
 """The train loop: data, engine, LR schedule, batch rampup, evaluation, guards, metrics.
 
-Every rank runs this; only global rank 0 prints and writes metrics.
+Every rank runs a Trainer (training/train.py's run() builds it); only global rank 0 prints and
+writes metrics.
 """
 import json
 import os
 import random
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,50 +19,18 @@ from megatron.core import parallel_state
 from data.data_report import write_data_report
 from data.datasets import build_datasets
 from data.sampler import build_eval_loader, iter_global_batches
-from training.engine.engine import BloomEngine
-from parallelism.topology import (init_model_parallel, init_process_group, placement_lines, rank_hosts,
-                                  shutdown)
 from parallelism.tp_replicas import sync_replicated_parameters
-from parallelism.watchdog import Heartbeat
 from training import exit_record
 from training.checkpoint.checkpointer import Checkpointer
-from training.config.checks import batch_schedule, validate
-from training.config.loader import to_yaml
-from training.config.schema import ConfigError
+from training.config.checks import batch_schedule
+from training.engine.engine import BloomEngine
 from training.evaluation.harness_tasks import TrainingHarness
-from training.plan.flops import model_flops_per_iteration, tflops_per_device
+from training.guards import NonFiniteGuard, TrainingStopped
 from training.lr_schedule import learning_rate
 from training.metrics import MetricsLogger
-from training.spikes import SkipRanges, SpikeDetector
 from training.model.shapes import padded_vocab_size
-
-
-class TrainingStopped(RuntimeError):
-    """Training cannot go on (too many non-finite steps in a row); the message says why."""
-
-
-class NonFiniteGuard:
-    """Counts steps whose loss was not finite or whose gradients were (and so were skipped); stops
-    the run after `limit` in a row, naming the iterations, so a diverged run does not burn its
-    budget. An fp16 loss-scale overflow is the scaler doing its job and does not count."""
-
-    def __init__(self, limit: int = 5):
-        self.limit, self.in_a_row = limit, 0
-
-    def update(self, iteration: int, loss: float, grad_norm: float, skipped: bool, overflow: bool = False):
-        """The line to report for this step, or None when it was a normal step."""
-        if overflow and np.isfinite(loss):
-            return f"iteration {iteration}: fp16 overflow, step skipped, loss scale lowered"
-        finite = np.isfinite(loss) and not skipped
-        self.in_a_row = 0 if finite else self.in_a_row + 1
-        if self.in_a_row >= self.limit:
-            raise TrainingStopped(
-                f"{self.in_a_row} non-finite steps in a row (iterations {iteration - self.in_a_row + 1}-"
-                f"{iteration}): stopping; resume from the last checkpoint with a lower lr or skip this data range")
-        if finite:
-            return None
-        return (f"iteration {iteration}: loss {loss}, grad norm {grad_norm}: step skipped, "
-                "weights unchanged")
+from training.plan.flops import model_flops_per_iteration, tflops_per_device
+from training.spikes import SkipRanges, SpikeDetector
 
 
 @dataclass
@@ -424,65 +392,6 @@ def _config_dict(cfg) -> dict:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-
-
-def write_resolved_config(cfg) -> None:
-    path = Path(cfg.trainer.run_dir) / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
-
-
-def run(cfg) -> int:
-    """Train in this process (one rank of the job); returns the exit status."""
-    timeout_s = cfg.parallel.collective_timeout_s
-    init_process_group(timeout_s=timeout_s)
-    try:
-        layout = validate(cfg, dist.get_world_size(), trains_here=True)
-        init_model_parallel(layout, timeout_s)
-        hosts = rank_hosts()
-        if dist.get_rank() == 0:
-            write_resolved_config(cfg)
-            # Which host each rank is on: on many nodes, the first thing to read when one fails.
-            print(f"placement: {len(hosts)} rank(s) on {len(set(hosts))} host(s), collective "
-                  f"timeout {timeout_s:g} s", flush=True)
-            print("\n".join(placement_lines(hosts, layout)), flush=True)
-        heartbeat = Heartbeat.start(hosts, timeout_s)  # names the rank or node that goes silent
-        trainer = Trainer(cfg, layout)
-        silence = None
-        if heartbeat:
-            heartbeat.follow(lambda: trainer.state.iteration)
-        try:
-            state = trainer.train()
-        except TrainingStopped as error:
-            if dist.get_rank() == 0:
-                print(f"bloom-train: error: {error}", file=sys.stderr, flush=True)
-            return 3
-        except RuntimeError as error:  # gloo/NCCL: a peer died or stopped answering?
-            silence = heartbeat.diagnose() if heartbeat else None
-            if silence is None:
-                raise
-            trainer.exit_reason = silence.reason
-            if silence.reporter:  # one line for the job, not one stack per rank
-                print(f"bloom-train: error: {silence.message(error, timeout_s)}", file=sys.stderr, flush=True)
-            return 4
-        finally:
-            trainer.close()
-            if heartbeat:
-                heartbeat.stop()
-            if (silence.reporter if silence else dist.get_rank() == 0):
-                exit_record.write(cfg.trainer.run_dir, trainer.exit_reason or "error",
-                                  trainer.start_iteration, trainer.state.iteration,
-                                  **(silence.record() if silence else {}))
-        if dist.get_rank() == 0 and state.history:
-            first, last = state.history[0][1], state.history[-1][1]
-            ended = "done" if trainer.exit_reason == "finished" else f"stopped ({trainer.exit_reason})"
-            print(f"{ended}: {state.iteration} iterations, {state.consumed_samples} samples, "
-                  f"lm_loss {first:.4f} -> {last:.4f}", flush=True)
-        return 0
-    finally:
-        shutdown()
 
 
 def _read_summary(saved: dict) -> str:
