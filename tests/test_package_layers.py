@@ -132,3 +132,32 @@ def test_planning_and_validation_import_no_framework(module):
     """Planning a cluster and checking a config are questions about numbers: they must not wait on
     torch, megatron-core or DeepSpeed (8 s of imports here before this was fixed)."""
     assert loaded_by(module) == []
+
+
+MAX_LINES = 450
+
+
+def long_files(root: Path = ROOT) -> list:
+    """Every .py file of the repository (product, benchmarks, tests, setup.py) over MAX_LINES."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if parts[0].startswith(".") or parts[0] in ("build",) or parts[0].endswith(".egg-info"):
+            continue
+        lines = len(path.read_text().splitlines())
+        if lines > MAX_LINES:
+            found.append(f"{path.relative_to(root)}: {lines} lines")
+    return found
+
+
+def test_no_source_file_over_450_lines():
+    """A file per idea: one that grows past 450 lines holds more than one."""
+    assert long_files() == []
+
+
+def test_long_files_sees_a_long_file(tmp_path):
+    (tmp_path / "training").mkdir()
+    (tmp_path / "training" / "big.py").write_text("x = 1\n" * (MAX_LINES + 1))
+    (tmp_path / ".venv").mkdir()
+    (tmp_path / ".venv" / "vendored.py").write_text("x = 1\n" * (MAX_LINES + 1))
+    assert long_files(tmp_path) == [f"training/big.py: {MAX_LINES + 1} lines"]
