@@ -39,6 +39,7 @@ setup(
         "numpy",
         "tqdm",
         "datasets>=2.14",
+        "pyarrow>=12",  # Parquet / Arrow IPC inputs of bloom-preprocess (data/columnar.py)
         "tensorboard",
         "wandb",
         "matplotlib",  # bloom-plot

@@ -1,7 +1,8 @@
-"""`bloom-preprocess`: JSONL / HF datasets -> megatron-core .bin/.idx, one per language or source.
+"""`bloom-preprocess`: JSONL / Parquet / Arrow / HF datasets -> megatron-core .bin/.idx, one per language or source.
 
-    bloom-preprocess --input data/corpora --tokenizer TOKDIR --output-dir OUT [--workers N]
-                     [--group-by lang|source] [--text-key text] [--lang-key lang] [--strict]
+    bloom-preprocess --input data/corpora 'corpus/data/*/train/*.parquet' --tokenizer TOKDIR
+                     --output-dir OUT [--workers N] [--group-by lang|source] [--text-key text]
+                     [--lang-key lang] [--lang-from-path] [--strict]
 
 Without --tokenizer, --train-tokenizer-vocab N first trains a BLOOM-style tokenizer on the
 inputs (alpha-smoothed) into OUT/tokenizer. Errors print one line `error: ...`, exit status 2.
@@ -13,12 +14,31 @@ from pathlib import Path
 
 from data.errors import DataError
 
-EXAMPLES = """Without --tokenizer, --train-tokenizer-vocab N first trains a BLOOM-style tokenizer on the
+EXAMPLES = """Inputs: JSONL (.jsonl, .ndjson, .jsonl.gz/.bz2/.xz/.zst), Parquet (.parquet), Arrow IPC
+(.arrow, .feather; file or stream format) and HF save_to_disk dirs; files, folders (searched
+recursively) and glob patterns (quote them: they are expanded here, ** for any depth), mixed
+freely in one run. Parquet is read one row group at a time, only the text and language columns.
+
+Bad records are skipped and counted per kind in OUTPUT_DIR/summary.json, listed as file:line
+(JSONL) or file:row (0-based, tables): not_utf8, not_json, no_text (no string text: missing, or
+a non-string value or column type), empty_text (empty or whitespace), null_text (null). A file
+that cannot be read as its format (a .parquet that is not Parquet, a truncated one) is named in
+one `warning:` line, counted in the summary's bad_files and passed over; --strict stops instead.
+A file without the --text-key column is an error naming the columns it has.
+
+--lang-from-path takes a file's language from its path when its rows have none (no --lang-key
+field or column): the folder directly below the last folder named `data` below the input
+(FineWeb-2's data/<language>/train/*.parquet), else the first folder below the input folder or
+the glob's fixed leading folders, else the file name (as without the option).
+
+Without --tokenizer, --train-tokenizer-vocab N first trains a BLOOM-style tokenizer on the
 inputs (alpha-smoothed) into OUTPUT_DIR/tokenizer. Errors print one line `error: ...`, exit status 2.
 
 Examples:
   bloom-preprocess --input data/corpora --train-tokenizer-vocab 8000 --output-dir data_cache/processed
   bloom-preprocess --input /data/oscar --tokenizer path/to/bloom-tokenizer --output-dir /data/processed --workers 32
+  bloom-preprocess --input 'fineweb-2/data/*/train/*.parquet' --lang-from-path --tokenizer path/to/bloom-tokenizer --output-dir /data/fw2
+  bloom-preprocess --input wiki.parquet code/ extra.jsonl.gz --text-key content --lang-key language --tokenizer TOKDIR -o OUT --strict
 """
 
 
@@ -26,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bloom-preprocess", description=__doc__.split("\n\n")[0].replace("`", ""),
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", "-i", nargs="+", required=True,
-                   help="JSONL files (.gz/.bz2/.xz/.zst too), folders of them, or HF dataset dirs")
+                   help="JSONL (.gz/.bz2/.xz/.zst too), Parquet or Arrow files, folders or quoted globs "
+                        "of them, or HF dataset dirs")
     p.add_argument("--output-dir", "-o", required=True, help="where <name>.bin/.idx and summary.json go")
     tok = p.add_mutually_exclusive_group(required=True)
     tok.add_argument("--tokenizer", help="tokenizer directory (ours or the released BLOOM one)")
@@ -35,11 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.3, help="language smoothing of the tokenizer sample")
     p.add_argument("--group-by", choices=["lang", "source"], default="lang",
                    help="one output per language field value (default) or per input file")
-    p.add_argument("--text-key", default="text")
-    p.add_argument("--lang-key", default="lang")
+    p.add_argument("--text-key", default="text", help="the field (JSONL) or column (tables) holding the text")
+    p.add_argument("--lang-key", default="lang", help="the field or column holding the language")
+    p.add_argument("--lang-from-path", action="store_true",
+                   help="a file's language from its path when its rows have none: the folder below "
+                        "`data/` (FineWeb-2 layout), else the first folder below the input")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     p.add_argument("--chunk-bytes", type=int, default=1 << 18, help="bytes of input per worker task")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad line, naming file:line")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first bad line or row (naming file:line or file:row) or unreadable file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -57,8 +82,9 @@ def run(args: argparse.Namespace) -> dict:
                                         vocab_size=args.train_tokenizer_vocab, alpha=args.alpha, keys=keys)
     if args.workers is not None and args.workers < 1:
         raise DataError(f"--workers must be >= 1, got {args.workers}")
-    options = PreprocessOptions(keys=keys, group_by=args.group_by, workers=args.workers,
-                                strict=args.strict, chunk_bytes=args.chunk_bytes, progress=not args.quiet)
+    options = PreprocessOptions(keys=keys, group_by=args.group_by, workers=args.workers, strict=args.strict,
+                                chunk_bytes=args.chunk_bytes, progress=not args.quiet,
+                                lang_from_path=args.lang_from_path)
     return preprocess(args.input, tokenizer_dir, args.output_dir, options)
 
 

@@ -2,13 +2,17 @@
 
 Records are read in order, cut into chunks, tokenized by a pool of worker processes (one per
 core) and written in the original order, so the output does not depend on the worker count.
-Each document gets EOD (</s>) appended. Bad records are skipped and counted with file:line, or
-with strict=True the first one stops the run with a DataError naming it. Outputs are written
-aside and renamed when complete; on any failure or interrupt the partial files are removed.
+Each document gets EOD (</s>) appended. Bad records are skipped and counted with file:line (or
+file:row), or with strict=True the first one stops the run with a DataError naming it. A file
+that cannot be read as its format (a `.parquet` that is not Parquet, a truncated one) is named
+on stderr, listed in the summary's `bad_files` and passed over (its rows read before the damage
+are kept), or with strict=True stops the run. Outputs are written aside and renamed when
+complete; on any failure or interrupt the partial files are removed.
 """
 import multiprocessing
 import os
 import re
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -19,21 +23,24 @@ from data.encode_worker import Chunk, ChunkResult, encode_chunk, init_worker
 from data.errors import DataError
 from data.indexed_writer import IndexedWriter, remove_stale_temporaries
 from data.records import RecordKeys, describe_skip
-from data.sources import Source, expand_inputs, iter_records
+from data.sources import BadFile, Source, expand_inputs, iter_records
 from data.summary import SUMMARY_NAME, GroupStats, write_json_atomic
 from data.tokenizer import TokenizerInfo
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+# The chunk size a table row counts for beyond its text (its dict, its numbers).
+_ROW_OVERHEAD = 64
 
 
 @dataclass
 class PreprocessOptions:
     keys: RecordKeys = RecordKeys()
-    group_by: str = "lang"  # "lang": the record's lang field (else the file name); "source": the file
+    group_by: str = "lang"  # "lang": the record's lang field (else the path's, else the file name); "source": the file
     workers: int | None = None  # None: one per core
     strict: bool = False
     chunk_bytes: int = 1 << 18
     progress: bool = True
+    lang_from_path: bool = False  # each file's default language from its path (data.input_paths)
 
 
 def output_name(group: str) -> str:
@@ -44,9 +51,16 @@ def output_name(group: str) -> str:
 def preprocess(inputs: list, tokenizer_dir: str | Path, output_dir: str | Path,
                options: PreprocessOptions = PreprocessOptions()) -> dict:
     """Write <output_dir>/<name>.bin/.idx for each group and return the summary dict."""
+    return preprocess_sources(expand_inputs(inputs, lang_from_path=options.lang_from_path),
+                              tokenizer_dir, output_dir, options)
+
+
+def preprocess_sources(sources: list[Source], tokenizer_dir: str | Path, output_dir: str | Path,
+                       options: PreprocessOptions = PreprocessOptions()) -> dict:
+    """`preprocess` of sources already found (whole files or row-group pieces of Parquet files):
+    one summary whose per-output counts and bad-file list add up across runs on disjoint pieces."""
     if options.group_by not in ("lang", "source"):
         raise DataError(f"group_by must be 'lang' or 'source', got {options.group_by!r}")
-    sources = expand_inputs(inputs)
     tokenizer = TokenizerInfo(tokenizer_dir)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,6 +81,7 @@ class _Run:
         self.sources, self.tokenizer, self.out, self.options = sources, tokenizer, out, options
         self.writers: dict[str, IndexedWriter] = {}
         self.stats: dict[str, GroupStats] = {}
+        self.bad_files: list[dict] = []
         self.started = time.perf_counter()
         self.bar = None
 
@@ -94,17 +109,32 @@ class _Run:
                 self._consume(pending.popleft().get())
 
     def _chunks(self) -> Iterator[Chunk]:
-        limit = self.options.chunk_bytes
+        limit, text_key = self.options.chunk_bytes, self.options.keys.text
         for index, source in enumerate(self.sources):
+            group = self._default_group(source)
             records, size = [], 0
-            for lineno, raw in iter_records(source):
-                records.append((lineno, raw))
-                size += len(raw) if isinstance(raw, bytes) else 1024
-                if size >= limit:
-                    yield Chunk(index, source.name, records)
-                    records, size = [], 0
+            try:
+                for lineno, raw in iter_records(source, self.options.keys):
+                    records.append((lineno, raw))
+                    size += _record_size(raw, text_key)
+                    if size >= limit:
+                        yield Chunk(index, group, records)
+                        records, size = [], 0
+            except BadFile as err:
+                self._bad_file(source, err)
             if records:
-                yield Chunk(index, source.name, records)
+                yield Chunk(index, group, records)
+
+    def _default_group(self, source: Source) -> str:
+        if self.options.group_by == "lang" and source.lang:
+            return source.lang
+        return source.name
+
+    def _bad_file(self, source: Source, err: BadFile) -> None:
+        if self.options.strict:
+            raise DataError(f"{err} (--strict)") from err
+        self.bad_files.append({"path": str(source.path), "error": str(err)})
+        _warn(f"warning: {err}; skipped", self.bar)
 
     def _consume(self, result: ChunkResult) -> None:
         source = self.sources[result.source_index]
@@ -166,15 +196,39 @@ class _Run:
                           "vocab_size": self.tokenizer.vocab_size, "eod": self.tokenizer.eod},
             "dtype": self.tokenizer.dtype.__name__,
             "group_by": self.options.group_by,
-            "inputs": [str(s.path) for s in self.sources],
+            "inputs": [_describe(s) for s in self.sources],
             "outputs": {name: {"prefix": str(self.out / name) if name in self.writers else None,
                                **self.stats[name].as_dict()} for name in sorted(self.stats)},
             "total": {"documents": documents, "tokens": tokens,
-                      "skipped": sum(sum(s.skipped.values()) for s in self.stats.values())},
+                      "skipped": sum(sum(s.skipped.values()) for s in self.stats.values()),
+                      "bad_files": len(self.bad_files)},
+            "bad_files": list(self.bad_files),
             "seconds": round(elapsed, 3),
             "documents_per_second": round(documents / max(elapsed, 1e-9), 1),
             "tokens_per_second": round(tokens / max(elapsed, 1e-9), 1),
         }
+
+
+def _record_size(raw, text_key: str) -> int:
+    """Bytes a record holds, for cutting chunks: a line's length, a row's text length."""
+    if isinstance(raw, bytes):
+        return len(raw)
+    text = raw.get(text_key) if isinstance(raw, dict) else None
+    return _ROW_OVERHEAD + (len(text) if isinstance(text, str) else 0)
+
+
+def _describe(source: Source) -> str:
+    if source.row_groups is None:
+        return str(source.path)
+    return f"{source.path}#row_groups={source.row_groups[0]}-{source.row_groups[1]}"
+
+
+def _warn(message: str, bar) -> None:
+    # Through tqdm when a bar is drawn, so the line is not torn by the bar's redraws.
+    if bar is not None:
+        bar.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr)
 
 
 def _progress_bar(enabled: bool):

@@ -15,7 +15,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from data.paths import SHIPPED_CORPUS
 from data.preprocess import main as cli_main
 from data.preprocess_run import PreprocessOptions, preprocess
-from data.records import EMPTY_TEXT, NO_TEXT, NOT_JSON, NOT_UTF8
+from data.records import EMPTY_TEXT, NO_TEXT, NOT_JSON, NOT_UTF8, NULL_TEXT
 from data.tokenizer import TokenizerInfo
 from tests.test_data_helpers import processed_dir, shipped_documents, tokenizer_dir  # noqa: F401
 
@@ -87,7 +87,7 @@ def salted_corpus(folder: Path) -> tuple[Path, dict]:
     path.write_bytes(b"".join(lines))
     where = {i + 1: line for i, line in enumerate(lines)}
     tail = len(lines) - 2  # line number of the list record; then the blank and the spaces
-    kinds = {NOT_JSON: [4, tail], NOT_UTF8: [5], NO_TEXT: [13, 15], EMPTY_TEXT: [14, tail + 2]}
+    kinds = {NOT_JSON: [4, tail], NOT_UTF8: [5], NO_TEXT: [13, 15], EMPTY_TEXT: [14, tail + 2], NULL_TEXT: []}
     assert all(where[n] in bad for ks in kinds.values() for n in ks)
     return path, kinds
 
