@@ -4,11 +4,18 @@
                      --output-dir OUT [--workers N] [--group-by lang|source] [--text-key text]
                      [--lang-key lang] [--lang-from-path] [--strict]
 
+--slurm cuts the inputs into --shards N pieces (at file or Parquet row-group boundaries, balanced by
+bytes) and writes an array job (a task per shard, writing OUTPUT_DIR/shards/shard-NNNNN aside and
+renaming it when complete) and a merge job after it (megatron-core's IndexedDatasetBuilder.add_index,
+shards in order: the files are byte for byte a one-machine run's). The same command again redoes
+only the shards not finished; `python -m data.shard_merge OUTPUT_DIR` merges by hand.
+
 Without --tokenizer, --train-tokenizer-vocab N first trains a BLOOM-style tokenizer on the
 inputs (alpha-smoothed) into OUT/tokenizer. Errors print one line `error: ...`, exit status 2.
 """
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -31,6 +38,12 @@ field or column): the folder directly below the last folder named `data` below t
 (FineWeb-2's data/<language>/train/*.parquet), else the first folder below the input folder or
 the glob's fixed leading folders, else the file name (as without the option).
 
+--slurm cuts the inputs into --shards N pieces (at file or Parquet row-group boundaries, balanced by
+bytes) and writes an array job (a task per shard, writing OUTPUT_DIR/shards/shard-NNNNN aside and
+renaming it when complete) and a merge job after it (megatron-core's IndexedDatasetBuilder.add_index,
+shards in order: the files are byte for byte a one-machine run's). The same command again redoes
+only the shards not finished; `python -m data.shard_merge OUTPUT_DIR` merges by hand.
+
 Without --tokenizer, --train-tokenizer-vocab N first trains a BLOOM-style tokenizer on the
 inputs (alpha-smoothed) into OUTPUT_DIR/tokenizer. Errors print one line `error: ...`, exit status 2.
 
@@ -38,6 +51,7 @@ Examples:
   bloom-preprocess --input data/corpora --train-tokenizer-vocab 8000 --output-dir data_cache/processed
   bloom-preprocess --input /data/oscar --tokenizer path/to/bloom-tokenizer --output-dir /data/processed --workers 32
   bloom-preprocess --input 'fineweb-2/data/*/train/*.parquet' --lang-from-path --tokenizer path/to/bloom-tokenizer --output-dir /data/fw2
+  bloom-preprocess --input 'roots/**/*.parquet' --lang-key lang --tokenizer TOKDIR -o /shared/roots --slurm --shards 512 --nodes 32 --partition cpu --submit
   bloom-preprocess --input wiki.parquet code/ extra.jsonl.gz --text-key content --lang-key language --tokenizer TOKDIR -o OUT --strict
 """
 
@@ -61,11 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lang-from-path", action="store_true",
                    help="a file's language from its path when its rows have none: the folder below "
                         "`data/` (FineWeb-2 layout), else the first folder below the input")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores); with --slurm, the CPUs of each "
+                        "shard task (default: a whole node each)")
     p.add_argument("--chunk-bytes", type=int, default=1 << 18, help="bytes of input per worker task")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first bad line or row (naming file:line or file:row) or unreadable file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from launch.preprocess_slurm import add_arguments
+
+    add_arguments(p)
     return p
 
 
@@ -88,16 +106,42 @@ def run(args: argparse.Namespace) -> dict:
     return preprocess(args.input, tokenizer_dir, args.output_dir, options)
 
 
+def run_slurm(args: argparse.Namespace) -> dict:
+    """--slurm: the plan and the jobs (launch/preprocess_slurm.py); the shards do the work."""
+    from data.sources import expand_inputs
+    from launch import preprocess_slurm
+
+    opts = preprocess_slurm.checked_options(args)
+    plan_options = {"text_key": args.text_key, "lang_key": args.lang_key, "group_by": args.group_by,
+                    "strict": args.strict, "chunk_bytes": args.chunk_bytes}
+    sources = expand_inputs(args.input, lang_from_path=args.lang_from_path)
+    command = " ".join(["bloom-preprocess", *map(shlex.quote, sys.argv[1:])])
+    return preprocess_slurm.run(sources, args.tokenizer, plan_options, args.output_dir, opts,
+                                submit=args.submit, command=command)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        summary = run(args)
+        if not args.slurm:
+            from launch.preprocess_slurm import refuse_without_slurm
+
+            refuse_without_slurm(args)
+        summary = run_slurm(args) if args.slurm else run(args)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # sbatch refused the job
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted; no partial output was left behind", file=sys.stderr)
         return 130
+    if args.slurm:
+        from launch.preprocess_slurm import describe
+
+        print(json.dumps(summary) if args.submit else describe(summary))
+        return 0
     total = summary["total"]
     print(json.dumps({"output_dir": args.output_dir, **total, "seconds": summary["seconds"],
                       "tokens_per_second": summary["tokens_per_second"]}))
