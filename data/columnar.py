@@ -1,6 +1,6 @@
 """Read Parquet and Arrow IPC files (`.arrow`, `.feather`) as records, with bounded memory.
 
-Parquet is read one row group at a time, in record batches of a few MB of decoded data, over
+Parquet is read one row group at a time, in record batches of ~2 MB of decoded data, over
 only the columns asked for: a file larger than RAM streams through, and reading it never needs
 more than one batch (plus one page being decoded). Arrow IPC files are read one record batch at a
 time (the batch is the unit the format stores, so its size is the writer's choice); both the
@@ -18,7 +18,7 @@ from data.errors import DataError
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 ARROW_SUFFIXES = (".arrow", ".feather")
-BATCH_BYTES = 8 << 20  # decoded bytes per record batch; a row larger than this comes alone
+BATCH_BYTES = 2 << 20  # decoded bytes per record batch; a row larger than this comes alone
 _MAX_BATCH_ROWS = 4096
 _READ_BUFFER = 1 << 20  # stream each column chunk in 1 MB reads instead of reading it whole
 
