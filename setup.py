@@ -59,6 +59,7 @@ setup(
             "bloom-slurm=launch.slurm:main",
             "bloom-export=launch.export_cli:main",
             "bloom-import=launch.import_cli:main",
+            "bloom-extend-vocab=launch.extend_vocab_cli:main",
             "bloom-eval=launch.eval_cli:main",
             "bloom-plan=launch.plan_cli:main",
             "bloom-plot=launch.plot_cli:main",
