@@ -24,15 +24,22 @@ def rank() -> int:
 
 
 def on_rank0_then_all(work: Callable[[], T]) -> T:
-    """Run `work` on rank 0 only; every rank gets its result (or its DataError) afterwards."""
-    outcome = [None, None]
+    """Run `work` on rank 0 only; every rank gets its result (or its error) afterwards.
+
+    Any exception on rank 0 reaches the others as a DataError naming it (rank 0 raises its own),
+    so no rank waits on a collective that rank 0 will never reach.
+    """
+    outcome, failure = [None, None], None
     if rank() == 0:
         try:
             outcome = [work(), None]
-        except DataError as err:
-            outcome = [None, str(err)]
+        except Exception as err:  # noqa: BLE001 - told to every rank, then raised here
+            failure = err
+            outcome = [None, str(err) if isinstance(err, DataError) else f"rank 0 failed: {type(err).__name__}: {err}"]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
     if outcome[1] is not None:
         raise DataError(outcome[1])
     return outcome[0]

@@ -4,8 +4,8 @@ work that is missing.
 Both live under `cache_dir` in directories named by a hash of what determines them (corpus
 files, their sizes and times, the settings; for data also the tokenizer's content), so a change
 in any of them makes new ones and an unchanged config reuses the old. Rank 0 does the work, the
-other ranks wait and then check they can see it (a cache_dir that is not on a shared
-filesystem is reported, not raced on).
+other ranks wait and then check they can see it, waiting a little for another node's files to
+show (a cache_dir that is not on a shared filesystem is reported, not raced on).
 """
 import hashlib
 import json
@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.config import DataConfig
-from data.distributed import all_ranks_agree, on_rank0_then_all, rank
+from data.distributed import on_rank0_then_all
 from data.errors import DataError
+from data.index_cache import wait_visible
 from data.paths import resolve_path
 from data.preprocess_run import PreprocessOptions, preprocess
 from data.records import RecordKeys
@@ -98,6 +99,4 @@ def _digest(obj) -> str:
 
 
 def _check_visible(path: Path) -> None:
-    if not all_ranks_agree(path.exists()):
-        raise DataError(f"rank {rank()}: {path} made by rank 0 is not visible on every rank; "
-                        "data.cache_dir must be on a filesystem shared by all nodes")
+    wait_visible(path)  # waits a little on each rank: NFS shows another node's new file late

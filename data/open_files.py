@@ -1,0 +1,32 @@
+"""Enough file descriptors for a blend of thousands of prefixes.
+
+Every memory map holds a descriptor: per prefix its .bin and .idx (opened once, data.gpt_build),
+and per dataset megatron-core reads from the cache its document, sample and shuffle indices,
+for the train split, the valid split and a language's validation set. 2,000 prefixes need
+about 24,000, past the soft `ulimit -n` of many machines (1,024 is common) and megatron-core
+would fail deep inside with "Too many open files". The soft limit is raised towards the hard
+one, as a user's `ulimit -n $(ulimit -Hn)` would; where the hard limit is too low, one warning.
+"""
+import logging
+
+log = logging.getLogger(__name__)
+
+PER_PREFIX = 12  # 2 maps of the prefix + 3 index maps x 3 datasets, and some slack
+BASE = 1024  # the rest of the process: libraries, sockets, checkpoints
+
+
+def allow_open_files(prefixes: int) -> None:
+    try:
+        import resource
+    except ImportError:  # not on this platform: nothing to raise
+        return
+    need = BASE + PER_PREFIX * prefixes
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < need:
+        log.warning("data: a blend of %d prefixes may need %d open files; the hard limit (ulimit -Hn) "
+                    "is %d: raise it, or merge shards", prefixes, need, hard)
