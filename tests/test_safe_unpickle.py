@@ -1,0 +1,61 @@
+"""training/checkpoint/safe_unpickle.py: the .pt files Megatron-DeepSpeed and DeepSpeed write are
+read with the types they hold (written here by the real classes), and a pickle naming any other
+global is refused in one line with nothing run (a sentinel file its payload would create stays
+absent)."""
+import argparse
+import os
+import random
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+
+from training.checkpoint.safe_unpickle import FragmentAddress, UnsafePickle, load
+
+
+class _RunsCode:
+    """Unpickled by plain pickle, this calls os.system (the classic malicious .pt file)."""
+
+    def __init__(self, sentinel):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.sentinel}",)
+
+
+class _Evaluates:
+    def __reduce__(self):
+        return eval, ("1 + 1",)
+
+
+def test_reads_what_megatron_deepspeed_files_hold(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    args = argparse.Namespace(num_layers=70, hidden_size=14336, params_dtype=torch.bfloat16, iteration=95000)
+    state = {"args": args, "iteration": 95000, "np_rng_state": np.random.get_state(),
+             "random_rng_state": random.getstate(), "param_shapes": [OrderedDict(w=torch.Size([4, 2]))],
+             "param_slice_mappings": [OrderedDict(w=fragment_address(numel=8, start=16))],
+             "loss_scaler": DynamicLossScaler(2.0 ** 16, 1000, 1, 2, False), "fp32": torch.arange(24.0)}
+    torch.save(state, tmp_path / "mp_rank_00_model_states.pt")
+    got = load(tmp_path / "mp_rank_00_model_states.pt")
+    assert isinstance(got["args"], argparse.Namespace) and vars(got["args"]) == vars(args)
+    address = got["param_slice_mappings"][0]["w"]
+    assert isinstance(address, FragmentAddress) and (address.start, address.numel) == (16, 8)
+    assert torch.equal(got["fp32"], torch.arange(24.0)) and got["param_shapes"][0]["w"] == torch.Size([4, 2])
+    assert got["iteration"] == 95000
+
+
+@pytest.mark.parametrize("payload", ["os.system", "eval"])
+def test_refuses_other_globals_and_runs_nothing(tmp_path, payload):
+    sentinel = tmp_path / "sentinel"
+    bad = tmp_path / "layer_01-model_00-model_states.pt"
+    torch.save({"weight": torch.ones(2), "x": _RunsCode(sentinel) if payload == "os.system" else _Evaluates()}, bad)
+    with pytest.raises(UnsafePickle) as refused:
+        load(bad)
+    message = str(refused.value)
+    assert "\n" not in message and str(bad) in message
+    assert ("system" in message) if payload == "os.system" else ("eval" in message)
+    assert not sentinel.exists()
+
