@@ -33,11 +33,7 @@ def resolve_blend(cfg: DataConfig, processed_dir: Path | None, summary: dict | N
 
 
 def _specs(cfg: DataConfig, summary: dict | None) -> list[DatasetSpec]:
-    if cfg.blend and cfg.blend_file:
-        raise DataError("give data.blend or data.blend_file, not both")
-    if cfg.blend_file:
-        specs = read_blend_file(cfg.blend_file)
-    elif cfg.blend:
+    if cfg.blend:
         specs = [DatasetSpec(s.name, s.prefix, s.weight) for s in cfg.blend]
     elif summary is not None:
         specs = [DatasetSpec(name) for name, out in sorted(summary["outputs"].items()) if out["documents"] > 0]
@@ -53,28 +49,6 @@ def _specs(cfg: DataConfig, summary: dict | None) -> list[DatasetSpec]:
         if spec.name in cfg.weights:
             spec.weight = float(cfg.weights[spec.name])
     return specs
-
-
-def read_blend_file(path: str) -> list[DatasetSpec]:
-    """data.blend_file: a YAML (or JSON) list of {name, prefix, weight}, as data.blend takes."""
-    import yaml
-
-    file = resolve_path(path)
-    if not file.is_file():
-        raise DataError(f"data.blend_file not found: {file}")
-    try:
-        items = yaml.load(file.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except yaml.YAMLError as error:
-        raise DataError(f"data.blend_file {file} is not YAML: {str(error).splitlines()[0]}") from None
-    if not isinstance(items, list) or not all(isinstance(i, dict) and i.get("name") for i in items):
-        raise DataError(f"data.blend_file {file} must hold a list of {{name, prefix, weight}} mappings")
-    unknown = {key for item in items for key in item} - {"name", "prefix", "weight"}
-    if unknown:
-        raise DataError(f"data.blend_file {file}: unknown keys {sorted(unknown)} (name, prefix, weight)")
-    bad = [i["name"] for i in items if i.get("weight") is not None and not isinstance(i["weight"], (int, float))]
-    if bad:
-        raise DataError(f"data.blend_file {file}: the weight of {bad[0]!r} is not a number")
-    return [DatasetSpec(str(i["name"]), i.get("prefix"), i.get("weight")) for i in items]
 
 
 def _prefix(spec: DatasetSpec, processed_dir: Path | None) -> str:

@@ -121,9 +121,6 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     # Empty: every preprocessed dataset. Weights: all given (explicit) or none (from tokens).
     blend: List[DatasetSpec] = field(default_factory=list)
-    # Or the same list in a YAML/JSON file (Megatron's --data-args-path): thousands of shards
-    # without thousands of config nodes, which Hydra/OmegaConf copy several times at start-up.
-    blend_file: Optional[str] = None
     # smoothing of token-count weights: p_i^alpha / sum_j p_j^alpha; 1 = raw
     alpha: float = field(default=0.3, metadata=in_range(0, 1, low_open=True))
     # train,valid,test per mille of each dataset's documents

@@ -1,6 +1,6 @@
 """Index caches of a sharded blend: built once by global rank 0 into one shared directory, read by
 every other rank whatever node it is on; two jobs sharing the directory never race; one
-validation set per language, not per shard; data.blend_file.
+validation set per language, not per shard.
 
 The sharded blend: four of the shipped corpus's languages, each cut into three .bin/.idx shards
 named <language>_<shard> (as a sharded corpus arrives).
@@ -18,7 +18,6 @@ import pytest
 import torch.multiprocessing as mp
 
 from data.config import DataConfig, DatasetSpec, TokenizerConfig
-from data.errors import DataError
 from data.index_file import document_lengths
 from data.indexed_writer import IndexedWriter
 from data.summary import read_summary
@@ -173,21 +172,3 @@ def test_one_validation_set_per_language_from_its_shards_valid_documents(tokeniz
             n = len(document_lengths(part.dataset_path))
             assert set(part.document_index) == set(range(round(0.8 * n), round(0.9 * n)))
         assert len(dataset) == sum(len(part) for part in parts)
-
-
-@pytest.mark.usefixtures("process_group")
-def test_blend_file_gives_the_same_datasets_as_data_blend(tokenizer_dir, shards, tmp_path):
-    import yaml
-
-    from data.datasets import build_datasets
-
-    listing = tmp_path / "blend.yaml"
-    listing.write_text(yaml.safe_dump(shards))
-    inline = build_datasets(sharded_config(tokenizer_dir, tmp_path / "a", shards), 400, 40, 0)
-    from_file = build_datasets(sharded_config(tokenizer_dir, tmp_path / "b", [], blend_file=str(listing)), 400, 40, 0)
-    assert digest(inline) == digest(from_file) and inline.blend == from_file.blend
-    listing.write_text("- {name: en_0000, prefix: /x, weigth: 1}\n")
-    with pytest.raises(DataError, match=r"^data.blend_file .*: unknown keys \['weigth'\] \(name, prefix, weight\)$"):
-        build_datasets(sharded_config(tokenizer_dir, tmp_path, [], blend_file=str(listing)), 400, 40, 0)
-    with pytest.raises(DataError, match=r"^give data.blend or data.blend_file, not both$"):
-        build_datasets(sharded_config(tokenizer_dir, tmp_path, shards, blend_file=str(listing)), 400, 40, 0)
