@@ -140,12 +140,30 @@ def candidate_bpe(sources: list, new_tokens: int, min_frequency: int = 2) -> BPE
 
 # -- which candidates are safe to append ----------------------------------------------------------
 
-def old_characters(vocab: dict) -> set:
+@dataclass(frozen=True)
+class OldCharacters:
+    """The characters old text is made of, and the byte pieces of their UTF-8 encodings."""
+    chars: frozenset
+    heads: frozenset  # a lead byte and some of its continuation bytes (a character cut short)
+    tails: frozenset  # the last continuation bytes of a character
+    inner: frozenset  # any run of continuation bytes inside a character
+
+    @classmethod
+    def of(cls, chars) -> "OldCharacters":
+        heads, tails, inner = set(), set(), set()
+        for enc in (c.encode("utf-8") for c in chars):
+            heads.update(enc[:i] for i in range(1, len(enc)))
+            tails.update(enc[i:] for i in range(1, len(enc)))
+            inner.update(enc[i:j] for i in range(1, len(enc)) for j in range(i + 1, len(enc) + 1))
+        return cls(frozenset(chars), frozenset(heads), frozenset(tails), frozenset(inner))
+
+
+def old_characters(vocab: dict) -> OldCharacters:
     """Every whole character some old token holds (a partial UTF-8 sequence holds none)."""
     chars = set()
     for token in vocab:
         chars.update(token_bytes(token).decode("utf-8", errors="ignore"))
-    return chars
+    return OldCharacters.of(chars)
 
 
 def _is_lead(byte: int) -> bool:
@@ -156,24 +174,24 @@ def _char_length(lead: int) -> int:
     return 1 if lead < 0x80 else 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4
 
 
-def can_occur_in_old_text(data: bytes, old_chars: set, old_encodings: list) -> bool:
+def can_occur_in_old_text(data: bytes, old: OldCharacters) -> bool:
     """Whether these bytes can occur inside text made only of old characters."""
     leads = [i for i, b in enumerate(data) if _is_lead(b)]
     if not leads:  # continuation bytes only: somewhere inside one character
-        return any(data in enc[1:] for enc in old_encodings)
+        return data in old.inner
     tail, i = data[:leads[0]], leads[0]
-    if tail and not any(enc.endswith(tail) for enc in old_encodings):
+    if tail and tail not in old.tails:
         return False
     while i < len(data):
         width = _char_length(data[i])
         piece = data[i:i + width]
         if len(piece) < width:  # the last character is cut: some old character must begin so
-            return any(enc.startswith(piece) for enc in old_encodings)
+            return piece in old.heads
         try:
             char = piece.decode("utf-8")
         except UnicodeDecodeError:
             return False  # not UTF-8: valid text never holds it
-        if char not in old_chars:
+        if char not in old.chars:
             return False
         i += width
     return True
@@ -183,7 +201,6 @@ def safe_additions(old: BPE, candidate: BPE) -> BPE:
     """The candidate's merges (in its order) whose result is new and cannot occur in old text,
     each built from tokens that exist by then; the tokens they make, ids after the old ones."""
     old_chars = old_characters(old.vocab)
-    old_encodings = [c.encode("utf-8") for c in old_chars]
     old_merges = set(old.merges)
     vocab, merges, next_id = {}, [], len(old.vocab)
     for left, right in candidate.merges:
@@ -192,7 +209,7 @@ def safe_additions(old: BPE, candidate: BPE) -> BPE:
             continue
         if not all(part in old.vocab or part in vocab for part in (left, right)):
             continue  # built on a dropped token: BPE could never reach it
-        if can_occur_in_old_text(token_bytes(token), old_chars, old_encodings):
+        if can_occur_in_old_text(token_bytes(token), old_chars):
             continue
         vocab[token] = next_id
         merges.append((left, right))

@@ -110,6 +110,25 @@ def test_old_ids_and_merges_keep_their_places(original, extended):
         assert new[key] == old[key], key
 
 
+def test_merges_stored_as_strings_stay_strings(demo_tokenizer, georgian_train, extended, tmp_path):
+    """The released BLOOM tokenizer.json writes merges as "a b" strings (tokenizers < 0.20); the
+    extension keeps that style and appends the same entries as for the list style."""
+    import shutil
+
+    from data.tokenizer_extend import extend_tokenizer
+
+    strings = tmp_path / "string-merges"
+    shutil.copytree(demo_tokenizer, strings)
+    data = json.loads((strings / "tokenizer.json").read_text())
+    data["model"]["merges"] = [" ".join(pair) for pair in data["model"]["merges"]]
+    (strings / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+    extend_tokenizer(strings, [str(georgian_train)], tmp_path / "out", new_tokens=1000)
+    out = json.loads((tmp_path / "out" / "tokenizer.json").read_text())["model"]
+    reference = json.loads((extended[0] / "tokenizer.json").read_text())["model"]
+    assert all(isinstance(m, str) for m in out["merges"])
+    assert [m.split(" ") for m in out["merges"]] == reference["merges"] and out["vocab"] == reference["vocab"]
+
+
 def test_old_languages_tokenize_identically(original, extended):
     """Every document of the 40 old datasets, through the tokenizers library and through
     transformers' AutoTokenizer (what HF users and bloom-eval's harness load)."""
@@ -157,10 +176,10 @@ def test_tokens_old_text_could_hold_are_left_out(demo_tokenizer, georgian_train,
 def test_byte_rule_against_brute_force():
     """can_occur_in_old_text against a search over every text of up to 5 old characters, for
     every byte substring of every 1-2 character text of old and new characters."""
-    from data.tokenizer_extend import can_occur_in_old_text
+    from data.tokenizer_extend import OldCharacters, can_occur_in_old_text
 
-    old_chars, new_chars = ["a", " ", "é", "ж", "ა"], ["ვ", "ё", "€", "😀"]
-    encodings = [c.encode("utf-8") for c in old_chars]
+    old_chars, new_chars = ["a", " ", "é", "ж", "ა", "𝄞"], ["ვ", "ё", "€", "😀", "Ą"]
+    old = OldCharacters.of(old_chars)
     old_texts = [("".join(t)).encode("utf-8") for n in range(1, 6) for t in itertools.product(old_chars, repeat=n)]
     fragments = set()
     for n in (1, 2):
@@ -170,7 +189,7 @@ def test_byte_rule_against_brute_force():
     assert len(fragments) > 200
     for fragment in sorted(fragments):
         expected = any(fragment in text for text in old_texts)
-        assert can_occur_in_old_text(fragment, set(old_chars), encodings) == expected, fragment
+        assert can_occur_in_old_text(fragment, old) == expected, fragment
 
 
 # -- the model --------------------------------------------------------------------------------------
