@@ -158,13 +158,14 @@ def test_georgian_tokens_per_byte_fall(original, extended):
 
 
 def test_tokens_old_text_could_hold_are_left_out(demo_tokenizer, georgian_train, tmp_path):
-    """New text that also holds Latin words (each of old characters only): their merges are left
-    out, so a Latin probe outside the corpus tokenizes as before, while Georgian still gains."""
+    """New text that also holds Latin words (a .txt beside the JSONL; old characters only): their
+    merges are left out, so a Latin probe outside the corpus tokenizes as before, while Georgian still gains."""
     from data.tokenizer_extend import extend_tokenizer
 
     latin = "Sakartvelo Kartuli Tbilisi Mtskheta Kutaisi Rustaveli Vepkhistkaosani"
-    mixed = write_jsonl(tmp_path / "mixed.jsonl", documents(georgian_train) + [latin] * 30)
-    result = extend_tokenizer(demo_tokenizer, [str(mixed)], tmp_path / "tok", new_tokens=1000)
+    lines = tmp_path / "latin.txt"  # a plain-text source: a document per line
+    lines.write_text("\n".join([latin] * 30) + "\n", encoding="utf-8")
+    result = extend_tokenizer(demo_tokenizer, [str(georgian_train), str(lines)], tmp_path / "tok", new_tokens=1000)
     assert result.candidates > result.new_vocab - result.old_vocab  # some were dropped
     old, new = fast_tokenizer(demo_tokenizer), fast_tokenizer(tmp_path / "tok")
     for probe in (latin, latin.lower(), "Tbilisi and Kutaisi, 1948."):
@@ -253,7 +254,9 @@ def test_normal_init_and_our_checkpoint_as_model(original, extended, tmp_path):
 
 def test_continued_run_trains_and_exports(extended, tmp_path, capsys, monkeypatch):
     """bloom-train continues from the extended model's import on a blend of Georgian (75%) and
-    replayed English and French (25%): it resumes, its losses are finite, and its checkpoint exports
+    replayed English and French (25%), with trainer.resume=auto in the run directory the import
+    was written to (as experiment=bloom-560m-continue starts): it resumes from the import, its
+    losses are finite, and its checkpoint exports
     to a directory transformers loads with the extended vocabulary, Georgian tokenized with new ids."""
     from transformers import AutoTokenizer, BloomForCausalLM
 
@@ -261,7 +264,7 @@ def test_continued_run_trains_and_exports(extended, tmp_path, capsys, monkeypatc
         monkeypatch.delenv(name, raising=False)  # left by in-process groups of earlier tests
     hub, checkpoint = extended
     meta = json.loads((hub / "extend_vocab.json").read_text())
-    run = tmp_path / "run"
+    run = checkpoint.parent.parent  # --checkpoint-out was RUN/checkpoints
     result = bloom_train([
         *(f"model.{k}={v}" for k, v in SHAPE.items()),
         f"model.vocab_size={meta['new_vocab_size']}", f"model.padded_vocab_size={meta['new_rows']}",
@@ -271,7 +274,7 @@ def test_continued_run_trains_and_exports(extended, tmp_path, capsys, monkeypatc
         f"data.corpus=[{REPO}/data/corpora/udhr/en.jsonl,{REPO}/data/corpora/udhr/fr.jsonl,{GEORGIAN}]",
         "data.blend=[{name: ka, weight: 0.75},{name: en, weight: 0.125},{name: fr, weight: 0.125}]",
         f"data.tokenizer.path={checkpoint / 'tokenizer'}", f"data.cache_dir={tmp_path / 'data'}",
-        f"trainer.resume={checkpoint}", f"trainer.run_dir={run}"])
+        "trainer.resume=auto", f"trainer.run_dir={run}"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {checkpoint} at iteration 0" in result.stdout
     losses = step_losses(run)
