@@ -4,7 +4,10 @@ nodes bloomnode1..3, each a network namespace with its own hostname and address 
 bridge, each with its own slurmd. A TP2 x DP2 job (2 processes
 per node: TP inside each node, DP across them) and a TP2 x PP2 job (the pipeline's stages on
 different nodes) train the tiny model through bloom-slurm; their losses and gradient norms match a
-single-process run's step for step, and their logs place the ranks on both hosts.
+single-process run's step for step, and their logs place the ranks on both hosts. The TP2 x DP2
+job reads the prepared corpus as a blend of its 40 prefixes with a fresh index cache directory
+that both nodes share: the caches are built during the job, once, by global rank 0, and read by
+the ranks on the other node.
 
 Skipped, with the reason, where the cluster cannot be had; a failure under CI=true, as in
 tests/test_launch_slurm.py. The fixture starts the three-node cluster when bloomnode1 and 2 do not
@@ -15,6 +18,7 @@ import json
 import os
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +47,17 @@ def _submit(run_dir, data_cache, nproc: int, parallel: list) -> str:
     return submit(overrides)
 
 
+def shared_cache_blend(data_cache, cache_dir) -> list:
+    """Overrides for the prepared corpus as an explicit blend of its prefixes (the datasets, names
+    and weights the default config derives, so the same samples), with the index caches in
+    `cache_dir`, empty before the job."""
+    tokenizer = next(Path(data_cache).glob("tokenizer-*"))
+    processed = next(Path(data_cache).glob("processed-*"))
+    names = sorted(p.stem for p in processed.glob("*.idx"))
+    blend = ",".join(f"{{name:{name},prefix:{processed / name}}}" for name in names)
+    return ["data.corpus=[]", f"data.tokenizer.path={tokenizer}", f"data.blend=[{blend}]", f"data.cache_dir={cache_dir}"]
+
+
 def _metrics(run_dir) -> list:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if "lm_loss" in line]
@@ -57,7 +72,9 @@ def jobs(two_node_cluster, data_cache, tmp_path_factory):
     """Both jobs submitted at once (SLURM runs them one after the other), and the single-process
     reference trained here meanwhile: {name: (job id, state, run dir, .out text)}, reference."""
     root = tmp_path_factory.mktemp("multinode")
-    ids = {name: _submit(root / name, data_cache, nproc, parallel) for name, (nproc, parallel) in JOBS.items()}
+    extra = {"tp2-dp2": shared_cache_blend(data_cache, root / "shared_index_cache")}
+    ids = {name: _submit(root / name, data_cache, nproc, parallel + extra.get(name, []))
+           for name, (nproc, parallel) in JOBS.items()}
     reference = bloom_train(TINY_RUN + [f"trainer.run_dir={root / 'single'}", f"data.cache_dir={data_cache}",
                                         f"trainer.train_iters={STEPS}"])
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -105,6 +122,24 @@ def test_ranks_sit_on_two_hosts_with_tp_inside_each(jobs):
     for name in JOBS:
         assert "TP groups span hosts" not in results[name][3]["out"]
         assert "collective timeout 600 s" in results[name][3]["out"]
+
+
+def test_index_caches_built_once_on_one_node_and_read_on_both(jobs):
+    """The TP2 x DP2 job's index caches (an empty shared directory before it): built by global
+    rank 0 alone, published whole (no staging directory left), read by the three other ranks,
+    two of them on the other node; the job trained (its losses match, see above)."""
+    results, _ = jobs
+    job_id, state, run_dir, text = results["tp2-dp2"]
+    assert state == "COMPLETED exit 0:0", f"job {job_id}: {state}\n{text['out'][-3000:]}\n{text['err'][-3000:]}"
+    indices = run_dir.parent / "shared_index_cache" / "indices"
+    built = sorted(p.name for p in indices.iterdir())
+    assert built and not any(name.startswith(".") for name in built), built
+    lines = [line for line in text["out"].splitlines() if f"data: index caches in {indices}:" in line]
+    assert len(lines) == 1, text["out"][-3000:]
+    rank0_host = next(host for host, where in _placement(text["out"]).items() if where.startswith("pp 0, dp 0,"))
+    hosts = sorted(_placement(text["out"]))
+    assert lines[0].endswith(f"{len(built)} built (rank 0 on {rank0_host}), read by 3 rank(s) on 2 host(s) "
+                             f"({', '.join(hosts)})"), lines[0]
 
 
 # ---- no cluster needed ------------------------------------------------------------------------
