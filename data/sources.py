@@ -100,9 +100,14 @@ def _kind_of(file_name: str) -> str | None:
 
 def piece_sizes(source: Source) -> list[int]:
     """Bytes of each piece a source can be split into: a Parquet file's row groups (compressed,
-    from its footer, no data read); one piece for any other source, its size on disk."""
+    from its footer, no data read; none for a file without rows); one piece for any other
+    source, its size on disk. An unreadable Parquet file is one piece too, so that planning
+    goes on and reading it names and counts it (or stops under --strict) like any bad file."""
     if source.kind == "parquet":
-        return parquet_piece_sizes(source.path)
+        try:
+            return parquet_piece_sizes(source.path)
+        except BadFile:
+            return [source.path.stat().st_size]
     if source.kind == "hf":
         return [sum(p.stat().st_size for p in source.path.rglob("*") if p.is_file())]
     return [source.path.stat().st_size]

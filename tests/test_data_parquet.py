@@ -179,6 +179,9 @@ def test_unreadable_files_are_named_counted_and_refused_under_strict(tokenizer_d
     not_parquet.write_text('{"text": "I am JSON", "lang": "en"}\n')
     truncated = folder / "c_truncated.parquet"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    # Planning pieces does not stop at them: each is one piece, read (and counted) later.
+    assert [piece_sizes(s) for s in expand_inputs([not_parquet, truncated])] == [
+        [not_parquet.stat().st_size], [truncated.stat().st_size]]
     summary = preprocess([folder], tokenizer_dir, tmp_path / "out", QUIET)
     warnings = capsys.readouterr().err.strip().splitlines()
     assert [w.split(":")[0] for w in warnings] == ["warning", "warning"]
