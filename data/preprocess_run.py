@@ -134,7 +134,7 @@ class _Run:
         if self.options.strict:
             raise DataError(f"{err} (--strict)") from err
         self.bad_files.append({"path": str(source.path), "error": str(err)})
-        _warn(f"warning: {err}; skipped", self.bar)
+        _warn(f"warning: {err}; its unread rows are skipped", self.bar)
 
     def _consume(self, result: ChunkResult) -> None:
         source = self.sources[result.source_index]
