@@ -1,7 +1,14 @@
-"""bloom-export: a checkpoint (any TP/PP/DP layout) -> a Hugging Face Hub directory.
+"""bloom-export: a checkpoint (any TP/PP/DP layout) -> a Hugging Face Hub directory, or Megatron-DeepSpeed.
 
     bloom-export CHECKPOINT --out DIR [--dtype bf16|fp16|fp32] [--max-shard-size 2GB]
                  [--push-to-hub REPO [--private]] [--skip-self-check] [--flax] [--harness-results FILE]
+    bloom-export CHECKPOINT --to megatron-deepspeed OUT [--tp N] [--pp M]
+
+--to megatron-deepspeed writes OUT/global_stepN as BigScience's Megatron-DeepSpeed saved BLOOM
+(layer files, mp_rank files with args and universal-checkpoint info, BF16-optimizer files with the
+fp32 masters and Adam's moments) at TP N x PP M and DP 1, and OUT/latest; DeepSpeed's
+`python -m deepspeed.checkpoint.ds_to_universal --input_folder OUT/global_stepN --output_folder U`
+converts it to a universal checkpoint.
 
 CHECKPOINT is a checkpoint directory (iter_XXXXXXXX) or a checkpoints directory with `latest`.
 Checksums are verified first; before DIR appears, the exported model is loaded with
@@ -22,7 +29,9 @@ EXAMPLES = """Examples:
   bloom-export runs/bloom-tiny/checkpoints --out hf/bloom-tiny
   bloom-export runs/bloom-176b/checkpoints/iter_00095000 --out hf/bloom-176b --max-shard-size 5GB --skip-self-check
   bloom-export runs/bloom-tiny/checkpoints --out hf/bloom-tiny --push-to-hub me/bloom-tiny --private
+  bloom-export runs/bloom-tiny/checkpoints --to megatron-deepspeed mds/bloom-tiny --tp 2 --pp 2
 """
+TARGETS = ("megatron-deepspeed",)
 
 
 def fail(message: str, status: int = 2) -> int:
@@ -34,7 +43,11 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="iter_XXXXXXXX directory, or a checkpoints directory with `latest`")
-    parser.add_argument("--out", required=True, help="the HF directory to create (must not exist or be empty)")
+    parser.add_argument("--out", help="the HF directory to create (must not exist or be empty)")
+    parser.add_argument("--to", nargs=2, metavar=("FORMAT", "OUT"),
+                        help="write another training framework's checkpoint instead: megatron-deepspeed OUT")
+    parser.add_argument("--tp", type=int, default=1, help="with --to: tensor-parallel size of the files")
+    parser.add_argument("--pp", type=int, default=1, help="with --to: pipeline stages of the files")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--max-shard-size", default="2GB", help="HF size string (2GB, 500MB) or bytes")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload DIR to this Hub repo afterwards")
@@ -52,8 +65,31 @@ def _one_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def export_to(args) -> int:
+    """bloom-export CHECKPOINT --to megatron-deepspeed OUT [--tp N --pp M]."""
+    from training.bigscience.export import ExportError, export_megatron_deepspeed
+    from training.checkpoint.files import CheckpointError
+
+    target, out = args.to
+    if target not in TARGETS:
+        return fail(f"--to {target}: unknown format; choose from {', '.join(TARGETS)}")
+    try:
+        final = export_megatron_deepspeed(args.checkpoint, out, args.tp, args.pp)
+    except (ExportError, CheckpointError, OSError) as error:
+        return fail(_one_line(error))
+    print(f"exported {args.checkpoint} -> {final} (Megatron-DeepSpeed, TP {args.tp} x PP {args.pp}, DP 1); "
+          f"convert with: python -m deepspeed.checkpoint.ds_to_universal --input_folder {final} --output_folder U")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.to:
+        return export_to(args)
+    if not args.out:
+        return fail("--out DIR is required (or --to megatron-deepspeed OUT)")
+    if (args.tp, args.pp) != (1, 1):
+        return fail("--tp and --pp apply to --to megatron-deepspeed only")
     from data.errors import DataError
     from training.checkpoint.files import CheckpointError
     from training.hf.export import ExportError, export_checkpoint, push_to_hub

@@ -5,6 +5,8 @@ absent)."""
 import argparse
 import os
 import random
+import subprocess
+import sys
 from collections import OrderedDict
 
 import numpy as np
@@ -59,3 +61,17 @@ def test_refuses_other_globals_and_runs_nothing(tmp_path, payload):
     assert ("system" in message) if payload == "os.system" else ("eval" in message)
     assert not sentinel.exists()
 
+
+
+def test_bloom_import_refuses_in_one_line(tmp_path):
+    """Through the command: exit 2, one line on stderr naming the file and the global, no sentinel."""
+    step = tmp_path / "global_step7"
+    step.mkdir()
+    sentinel = tmp_path / "sentinel"
+    torch.save({"args": _RunsCode(sentinel)}, step / "mp_rank_00_model_states.pt")
+    result = subprocess.run([sys.executable, "-m", "launch.import_cli", "--from", "megatron-deepspeed", str(step),
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("bloom-import")]
+    assert len(lines) == 1 and "system" in lines[0] and "mp_rank_00_model_states.pt" in lines[0], result.stderr
+    assert not sentinel.exists()

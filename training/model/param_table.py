@@ -47,6 +47,9 @@ class ParamSpec:
     split: Split
     part: Part
     shape: Callable[[Shape], Tuple[int, ...]]
+    # Its name inside its Megatron-DeepSpeed pipeline layer (BigScience's GPTModelPipe; see
+    # megatron_deepspeed_names below for the layer index and the optimizer's name).
+    mds_name: str = ""
 
     def at(self, block: int = None) -> Tuple[str, str]:
         """(our name, HF name) for one block (or the single instance outside blocks)."""
@@ -54,16 +57,16 @@ class ParamSpec:
 
 
 def _block(suffix: str, split: Split, shape) -> ParamSpec:
-    return ParamSpec(f"h.{{i}}.{suffix}", f"transformer.h.{{i}}.{suffix}", split, Part.BLOCK, shape)
+    return ParamSpec(f"h.{{i}}.{suffix}", f"transformer.h.{{i}}.{suffix}", split, Part.BLOCK, shape, suffix)
 
 
 PARAMETERS = (
     ParamSpec("word_embeddings.weight", "transformer.word_embeddings.weight", Split.VOCAB,
-              Part.EMBEDDING, lambda s: (s.vocab, s.hidden)),
+              Part.EMBEDDING, lambda s: (s.vocab, s.hidden), "word_embeddings.weight"),
     ParamSpec("word_embeddings_layernorm.weight", "transformer.word_embeddings_layernorm.weight",
-              Split.REPLICATED, Part.EMBEDDING, lambda s: (s.hidden,)),
+              Split.REPLICATED, Part.EMBEDDING, lambda s: (s.hidden,), "word_embeddings.norm.weight"),
     ParamSpec("word_embeddings_layernorm.bias", "transformer.word_embeddings_layernorm.bias",
-              Split.REPLICATED, Part.EMBEDDING, lambda s: (s.hidden,)),
+              Split.REPLICATED, Part.EMBEDDING, lambda s: (s.hidden,), "word_embeddings.norm.bias"),
     _block("input_layernorm.weight", Split.REPLICATED, lambda s: (s.hidden,)),
     _block("input_layernorm.bias", Split.REPLICATED, lambda s: (s.hidden,)),
     _block("self_attention.query_key_value.weight", Split.COLUMN, lambda s: (3 * s.hidden, s.hidden)),
@@ -76,8 +79,9 @@ PARAMETERS = (
     _block("mlp.dense_h_to_4h.bias", Split.COLUMN, lambda s: (s.ffn,)),
     _block("mlp.dense_4h_to_h.weight", Split.ROW, lambda s: (s.hidden, s.ffn)),
     _block("mlp.dense_4h_to_h.bias", Split.REPLICATED, lambda s: (s.hidden,)),
-    ParamSpec("ln_f.weight", "transformer.ln_f.weight", Split.REPLICATED, Part.FINAL, lambda s: (s.hidden,)),
-    ParamSpec("ln_f.bias", "transformer.ln_f.bias", Split.REPLICATED, Part.FINAL, lambda s: (s.hidden,)),
+    ParamSpec("ln_f.weight", "transformer.ln_f.weight", Split.REPLICATED, Part.FINAL, lambda s: (s.hidden,),
+              "weight"),
+    ParamSpec("ln_f.bias", "transformer.ln_f.bias", Split.REPLICATED, Part.FINAL, lambda s: (s.hidden,), "bias"),
 )
 
 # HF's lm_head.weight is the word embedding itself (tied); exports write it once.
@@ -92,6 +96,42 @@ def iter_parameters(num_layers: int) -> Iterator[Tuple[str, str, ParamSpec, int]
                 yield (*spec.at(i), spec, i)
         else:
             yield (*spec.at(), spec, None)
+
+
+# Megatron-DeepSpeed's GPTModelPipe, as BigScience trained BLOOM: pipeline layer 0 casts, 1 is the
+# tied embedding (with its LayerNorm), 2 transposes, block i is layer 3 + i, L + 3 transposes back,
+# L + 4 is the final LayerNorm and L + 5 the tied embedding again (the output projection). Its
+# optimizer names the tied module's parameters "tied_modules.embed.<name>", the others
+# "<layer>.<name>".
+MDS_EMBEDDING_LAYER = 1
+MDS_FIRST_BLOCK_LAYER = 3
+MDS_TIED_PREFIX = "tied_modules.embed."
+
+
+@dataclass(frozen=True)
+class MdsName:
+    name: str  # ours
+    layer: int  # the pipeline layer (its layer_XX-model_YY-model_states.pt file)
+    local: str  # the name inside that layer's state dict
+    optimizer: str  # the name in the optimizer's param_slice_mappings and the universal checkpoint
+    spec: ParamSpec
+
+
+def mds_final_layer(num_layers: int) -> int:
+    return num_layers + MDS_FIRST_BLOCK_LAYER + 1
+
+
+def megatron_deepspeed_names(num_layers: int) -> list:
+    """Every parameter under its Megatron-DeepSpeed names ([MdsName]), in pipeline layer order
+    (within a layer, this table's order)."""
+    names = []
+    for name, _, spec, block in iter_parameters(num_layers):
+        if spec.part is Part.EMBEDDING:
+            names.append(MdsName(name, MDS_EMBEDDING_LAYER, spec.mds_name, MDS_TIED_PREFIX + spec.mds_name, spec))
+        else:
+            layer = MDS_FIRST_BLOCK_LAYER + block if spec.part is Part.BLOCK else mds_final_layer(num_layers)
+            names.append(MdsName(name, layer, spec.mds_name, f"{layer}.{spec.mds_name}", spec))
+    return sorted(names, key=lambda n: n.layer)
 
 
 def numel(shape: Tuple[int, ...]) -> int:
