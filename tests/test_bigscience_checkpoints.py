@@ -180,3 +180,57 @@ def test_bad_export_requests_are_refused_in_one_line(saved, tmp_path, capsys):
         assert export_cli.main([str(saved), *args]) == 2, args
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and err[0].startswith("bloom-export: error:"), (args, err)
+
+
+def split_over_dp(global_step, out, dp: int):
+    """A copy of a DP1 Megatron-DeepSpeed folder as if saved over `dp` ZeRO ranks, cut the way
+    DeepSpeed's BF16_Optimizer cuts a flat group: padded to a multiple of dp, consecutive equal
+    partitions, each parameter's piece addressed from its partition's start (a parameter may
+    straddle two partitions)."""
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    shutil.copytree(global_step, out, ignore=shutil.ignore_patterns("*_optim_states.pt"))
+    for path in sorted(global_step.glob("bf16_zero_pp_rank_0_mp_rank_*_optim_states.pt")):
+        whole = torch.load(path, weights_only=False)
+        optim = whole["optimizer_state_dict"]
+        flats = {"fp32": optim["single_partition_of_fp32_groups"][0],
+                 **{k: optim["base_optimizer_state"]["state"][0][k] for k in ("exp_avg", "exp_avg_sq")}}
+        numel = flats["fp32"].numel()
+        size = -(-numel // dp)
+        padded = {k: torch.cat([t, t.new_zeros(size * dp - numel)]) for k, t in flats.items()}
+        for rank in range(dp):
+            lo, hi = rank * size, (rank + 1) * size
+            mapping = {name: fragment_address(numel=min(hi, a.start + a.numel) - max(lo, a.start),
+                                              start=max(lo, a.start) - lo)
+                       for name, a in optim["param_slice_mappings"][0].items()
+                       if max(lo, a.start) < min(hi, a.start + a.numel)}
+            part = {k: t[lo:hi].clone() for k, t in padded.items()}
+            state = {**optim, "single_partition_of_fp32_groups": [part["fp32"]], "param_slice_mappings": [mapping],
+                     "group_paddings": [size * dp - numel if rank == dp - 1 else 0], "partition_count": [dp],
+                     "base_optimizer_state": {**optim["base_optimizer_state"], "state": {0: {
+                         "step": optim["base_optimizer_state"]["state"][0]["step"],
+                         "exp_avg": part["exp_avg"], "exp_avg_sq": part["exp_avg_sq"]}}}}
+            torch.save({**whole, "optimizer_state_dict": state}, out / path.name.replace("pp_rank_0_", f"pp_rank_{rank}_"))
+    return out
+
+
+def test_dp_partitions_are_read_in_order(saved, exported, tmp_path):
+    """The export re-cut over 3 DP ranks (pieces straddling partitions): DeepSpeed's ds_to_universal
+    gives the same universal tensors as from DP 1, and --from megatron-deepspeed imports every
+    tensor of the original checkpoint exactly."""
+    global_step, universal = exported
+    dp3 = split_over_dp(global_step, tmp_path / f"global_step{SAVE_AT}", 3)
+    holders = {}
+    for path in dp3.glob("*_optim_states.pt"):
+        for name in torch.load(path, weights_only=False)["optimizer_state_dict"]["param_slice_mappings"][0]:
+            holders[(path.name[-25:], name)] = holders.get((path.name[-25:], name), 0) + 1
+    assert max(holders.values()) > 1, "no parameter straddles two partitions: the test would prove little"
+    again = ds_to_universal(dp3, tmp_path / "universal")
+    assert import_cli.main(["--from", "megatron-deepspeed", str(dp3), "--out", str(tmp_path / "ours")]) == 0
+    imported = tmp_path / "ours" / f"iter_{SAVE_AT:08d}"
+    for n in megatron_deepspeed_names(4):
+        for state, kind, ours in (("fp32", "model", MASTER), ("exp_avg", "optim", "exp_avg"),
+                                  ("exp_avg_sq", "optim", "exp_avg_sq")):
+            assert torch.equal(load(again / "zero" / n.optimizer / f"{state}.pt")["param"],
+                               load(universal / "zero" / n.optimizer / f"{state}.pt")["param"]), (n.optimizer, state)
+            assert torch.equal(_full(imported, kind, n.name, ours), _full(saved, kind, n.name, ours)), (n.name, ours)

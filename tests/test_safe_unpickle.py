@@ -49,6 +49,24 @@ def test_reads_what_megatron_deepspeed_files_hold(tmp_path):
     assert got["iteration"] == 95000
 
 
+def test_admits_its_own_list_only(tmp_path):
+    """megatron-core admits numpy's real constructors and classes such as io.BytesIO process-wide
+    when imported: the reader still reads numpy state through its stand-ins, refuses BytesIO, and
+    leaves the process-wide list as it found it."""
+    import io
+
+    from megatron.core.safe_globals import register_safe_globals
+
+    register_safe_globals()
+    before = torch.serialization.get_safe_globals()
+    torch.save({"np_rng_state": np.random.get_state()}, tmp_path / "rng.pt")
+    assert load(tmp_path / "rng.pt")["np_rng_state"][0] == "MT19937"
+    torch.save({"buffer": io.BytesIO(b"x")}, tmp_path / "bytes.pt")
+    with pytest.raises(UnsafePickle, match="BytesIO"):
+        load(tmp_path / "bytes.pt")
+    assert set(map(repr, torch.serialization.get_safe_globals())) == set(map(repr, before))
+
+
 @pytest.mark.parametrize("payload", ["os.system", "eval"])
 def test_refuses_other_globals_and_runs_nothing(tmp_path, payload):
     sentinel = tmp_path / "sentinel"

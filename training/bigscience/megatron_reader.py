@@ -5,9 +5,9 @@ files (which hold the weights in bf16 for a bf16 run: a continuation needs the f
 Each (stage, TP rank) has one optimizer file per DP rank, a ZeRO partition of one flat group per
 param group; param_slice_mappings says where each parameter's piece starts in it. A parameter's
 TP shard is its pieces in DP order (DeepSpeed cuts the flat group into consecutive partitions),
-and the full tensor its TP shards merged as ds_to_universal merges them (layout.merge_tp).
+and the full tensor its TP shards merged as ds_to_universal merges them (layout.merge_tp). The
+files are memory-mapped, one stage at a time, and read one parameter at a time.
 """
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ class MegatronSource:
                     for name, shape in group.items():
                         self.shapes[(stage, rank, name)] = tuple(shape)
                         self.stage_of.setdefault(name, stage)
-        self._stage, self._tensors = None, {}
+        self._stage, self._files = None, []
 
     def _optimizer_files(self, mp_ranks: int) -> dict:
         found = {}
@@ -59,30 +59,23 @@ class MegatronSource:
         stage = self.stage_of.get(n.optimizer)
         if stage is None:
             raise BigScienceError(f"{self.directory}: no parameter {n.optimizer} in the mp_rank files' param_shapes")
-        if stage != self._stage:
-            self._stage, self._tensors = stage, self._read_stage(stage)
-        if n.optimizer not in self._tensors:
-            raise BigScienceError(f"{self.directory}: the optimizer files of stage {stage} hold no {n.optimizer}")
-        shards = self._tensors[n.optimizer]
-        return {ours: layout.merge_tp([shards[rank][theirs] for rank in sorted(shards)], n.spec.split)
+        if stage != self._stage:  # the stage's files, mapped: only the slices read below are paged in
+            self._stage, self._files = stage, self._open_stage(stage)
+        tp, shards = self.released.tp, {}
+        for rank in range(tp):
+            pieces = [_pieces(path, optim, n.optimizer) for path, optim in self._files[rank]]
+            if not any(pieces):
+                raise BigScienceError(f"{self.directory}: the optimizer files of stage {stage} hold no {n.optimizer}")
+            shape = self.shapes[(stage, rank, n.optimizer)]
+            shards[rank] = {state: torch.cat([p[state] for p in pieces if p]).view(shape) for state in layout.STATES}
+        return {ours: layout.merge_tp([shards[rank][theirs] for rank in range(tp)], n.spec.split)
                 for ours, theirs in zip(("master", "exp_avg", "exp_avg_sq"), layout.STATES)}
 
-    def _read_stage(self, stage: int) -> dict:
-        """optimizer name -> TP rank -> state -> TP shard, for every parameter of one stage."""
+    def _open_stage(self, stage: int) -> list:
+        """Per TP rank, [(path, optimizer state)] of its DP ranks in order, memory-mapped."""
         tp = self.released.tp
-        pieces = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-        for rank in range(tp):
-            for dp in range(self.dp):
-                path = self.optim[(dp, layout.mp_rank(stage, rank, tp))]
-                for name, state, piece in _pieces(path):
-                    pieces[name][rank][state].append(piece)
-        out = {}
-        for name, ranks in pieces.items():
-            out[name] = {}
-            for rank, states in ranks.items():
-                shape = self.shapes.get((stage, rank, name))
-                out[name][rank] = {state: torch.cat(parts).view(shape) for state, parts in states.items()}
-        return out
+        return [[(path, _optimizer_state(path)) for path in
+                 (self.optim[(dp, layout.mp_rank(stage, rank, tp))] for dp in range(self.dp))] for rank in range(tp)]
 
     def adam_step(self, first) -> float:
         """Adam's step count, from the first optimizer file: its state, else its param groups."""
@@ -94,23 +87,23 @@ class MegatronSource:
 
 
 def _optimizer_state(path: Path) -> dict:
-    state = load(path)
+    state = load(path, mmap=True)
     optim = state.get("optimizer_state_dict") if isinstance(state, dict) else None
     if not isinstance(optim, dict) or "param_slice_mappings" not in optim:
         raise BigScienceError(f"{path}: not a ZeRO/BF16 optimizer file (no optimizer_state_dict.param_slice_mappings)")
     return optim
 
 
-def _pieces(path: Path):
-    """(optimizer name, DeepSpeed state name, this DP rank's piece) of every parameter in one file."""
-    optim = _optimizer_state(path)
-    flats = optim["single_partition_of_fp32_groups"]
-    groups = optim["base_optimizer_state"]["state"]
+def _pieces(path: Path, optim: dict, name: str) -> dict:
+    """{DeepSpeed state name: this DP rank's piece of `name`}, or {} when this rank holds none."""
     for index, mapping in enumerate(optim["param_slice_mappings"]):
-        missing = [key for key in ("exp_avg", "exp_avg_sq") if key not in groups.get(index, {})]
+        if name not in mapping:
+            continue
+        group = optim["base_optimizer_state"]["state"].get(index, {})
+        missing = [key for key in ("exp_avg", "exp_avg_sq") if key not in group]
         if missing:
             raise BigScienceError(f"{path}: param group {index} has no {missing[0]} (Adam's moments are needed)")
-        flat = {"fp32": flats[index], **{key: groups[index][key] for key in ("exp_avg", "exp_avg_sq")}}
-        for name, address in mapping.items():
-            for state, tensor in flat.items():
-                yield name, state, tensor.float().narrow(0, address.start, address.numel).clone()
+        flat = {"fp32": optim["single_partition_of_fp32_groups"][index], **{k: group[k] for k in ("exp_avg", "exp_avg_sq")}}
+        address = mapping[name]
+        return {state: t.narrow(0, address.start, address.numel).float().clone() for state, t in flat.items()}
+    return {}

@@ -12,14 +12,17 @@ or run to read them:
     deepspeed's loss scalers, megatron's enums,       held as opaque attribute bags: read, never used
     numpy's RNG state arrays, pathlib paths
 
-Anything else is refused in one line naming the file and the global, before it is called.
+Anything else is refused in one line naming the file and the global, before it is called, even
+what other libraries admitted process-wide (megatron-core admits numpy's real constructors and its
+own classes when imported): a read here admits this list alone.
 """
 import argparse
 import re
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch.serialization import safe_globals
 
 from training.checkpoint.files import CheckpointError
 
@@ -70,6 +73,7 @@ OPAQUE_CLASSES = (
     "megatron.model.enums.LayerType",
     "numpy.ndarray",
     "numpy.dtype",
+    "numpy.dtypes.UInt32DType",
     "pathlib.PosixPath",
     "pathlib.Path",
 )
@@ -81,14 +85,29 @@ ADMITTED = ([(argparse.Namespace, "argparse.Namespace"),
             + [(_opaque_function, name) for name in OPAQUE_FUNCTIONS])
 
 
-def load(path) -> object:
-    """The object pickled in `path` (tensors on CPU), or UnsafePickle / CheckpointError in one line."""
+@contextmanager
+def _admitting_only(admitted: list):
+    """torch's allowlist, for the duration of one read, set to `admitted` and nothing else."""
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(admitted)
+    try:
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
+def load(path, mmap: bool = False) -> object:
+    """The object pickled in `path` (tensors on CPU), or UnsafePickle / CheckpointError in one line.
+    mmap: tensors stay in the file until used (zip-format files, what torch.save writes since 1.6),
+    so a reader that slices a few parameters out of a large file does not hold all of it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        with safe_globals(ADMITTED):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with _admitting_only(ADMITTED):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as error:  # torch raises UnpicklingError, RuntimeError or ValueError here
         message = str(error)
         refused = re.search(r"GLOBAL (\S+)", message) or re.search(r"unrecognized function (\S+)", message)
