@@ -31,18 +31,34 @@ class _Evaluates:
         return eval, ("1 + 1",)
 
 
-def test_reads_what_megatron_deepspeed_files_hold(tmp_path):
+def _megatron_enum(monkeypatch):
+    """BigScience's megatron.enums.PositionEmbeddingType (an Enum in args), made importable under
+    that name so that pickle writes it as Megatron-DeepSpeed did; megatron-core has no such module."""
+    import enum
+    import types
+
+    module = types.ModuleType("megatron.enums")
+    module.PositionEmbeddingType = enum.Enum("PositionEmbeddingType", "rotary absolute alibi", module="megatron.enums")
+    monkeypatch.setitem(sys.modules, "megatron.enums", module)
+    return module.PositionEmbeddingType.alibi
+
+
+def test_reads_what_megatron_deepspeed_files_hold(tmp_path, monkeypatch):
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    args = argparse.Namespace(num_layers=70, hidden_size=14336, params_dtype=torch.bfloat16, iteration=95000)
+    alibi = _megatron_enum(monkeypatch)
+    args = argparse.Namespace(num_layers=70, hidden_size=14336, params_dtype=torch.bfloat16, iteration=95000,
+                              position_embedding_type=alibi)
     state = {"args": args, "iteration": 95000, "np_rng_state": np.random.get_state(),
              "random_rng_state": random.getstate(), "param_shapes": [OrderedDict(w=torch.Size([4, 2]))],
              "param_slice_mappings": [OrderedDict(w=fragment_address(numel=8, start=16))],
              "loss_scaler": DynamicLossScaler(2.0 ** 16, 1000, 1, 2, False), "fp32": torch.arange(24.0)}
     torch.save(state, tmp_path / "mp_rank_00_model_states.pt")
+    monkeypatch.delitem(sys.modules, "megatron.enums")  # reading imports nothing of Megatron's
     got = load(tmp_path / "mp_rank_00_model_states.pt")
-    assert isinstance(got["args"], argparse.Namespace) and vars(got["args"]) == vars(args)
+    assert isinstance(got["args"], argparse.Namespace) and got["args"].num_layers == 70
+    assert got["args"].params_dtype is torch.bfloat16 and got["args"].position_embedding_type.args == (3,)
     address = got["param_slice_mappings"][0]["w"]
     assert isinstance(address, FragmentAddress) and (address.start, address.numel) == (16, 8)
     assert torch.equal(got["fp32"], torch.arange(24.0)) and got["param_shapes"][0]["w"] == torch.Size([4, 2])
