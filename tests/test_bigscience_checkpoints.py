@@ -234,3 +234,16 @@ def test_dp_partitions_are_read_in_order(saved, exported, tmp_path):
             assert torch.equal(load(again / "zero" / n.optimizer / f"{state}.pt")["param"],
                                load(universal / "zero" / n.optimizer / f"{state}.pt")["param"]), (n.optimizer, state)
             assert torch.equal(_full(imported, kind, n.name, ours), _full(saved, kind, n.name, ours)), (n.name, ours)
+
+
+def test_incomplete_megatron_folder_is_refused_in_one_line(exported, tmp_path, capsys):
+    global_step, universal = exported
+    broken = tmp_path / global_step.name
+    shutil.copytree(global_step, broken)
+    (broken / "bf16_zero_pp_rank_0_mp_rank_03_optim_states.pt").unlink()
+    for kind, source, says in (("megatron-deepspeed", broken, "mp 3 missing"),
+                               ("megatron-deepspeed", universal, "--from universal"),
+                               ("universal", global_step, "--from megatron-deepspeed")):
+        assert import_cli.main(["--from", kind, str(source), "--out", str(tmp_path / "out")]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and says in err[0], (kind, err)

@@ -34,7 +34,8 @@ class MegatronSource:
         for stage in range(pp):
             for rank in range(tp):
                 path = self.directory / layout.model_states_file(layout.mp_rank(stage, rank, tp))
-                for group in load(path).get("param_shapes") or []:
+                state = load(path)
+                for group in (state.get("param_shapes") if isinstance(state, dict) else None) or []:
                     for name, shape in group.items():
                         self.shapes[(stage, rank, name)] = tuple(shape)
                         self.stage_of.setdefault(name, stage)
@@ -46,7 +47,7 @@ class MegatronSource:
             match = layout.OPTIM_FILE.match(path.name)
             if match:
                 found[(int(match.group(1)), int(match.group(2)))] = path
-        dp = len(found) // mp_ranks if found else 0
+        dp = max(1, -(-len(found) // mp_ranks))  # rounded up: a missing file is then named
         missing = [(d, m) for d in range(dp) for m in range(mp_ranks) if (d, m) not in found]
         if not found or missing or len(found) != dp * mp_ranks:
             raise BigScienceError(f"{self.directory}: the optimizer files (bf16_zero_pp_rank_D_mp_rank_XX_optim_states.pt) "
@@ -89,8 +90,10 @@ class MegatronSource:
 def _optimizer_state(path: Path) -> dict:
     state = load(path, mmap=True)
     optim = state.get("optimizer_state_dict") if isinstance(state, dict) else None
-    if not isinstance(optim, dict) or "param_slice_mappings" not in optim:
-        raise BigScienceError(f"{path}: not a ZeRO/BF16 optimizer file (no optimizer_state_dict.param_slice_mappings)")
+    needed = ("param_slice_mappings", "single_partition_of_fp32_groups", "base_optimizer_state")
+    missing = [key for key in needed if not isinstance(optim, dict) or key not in optim]
+    if missing:
+        raise BigScienceError(f"{path}: not a ZeRO/BF16 optimizer file (no optimizer_state_dict.{missing[0]})")
     return optim
 
 
@@ -105,5 +108,7 @@ def _pieces(path: Path, optim: dict, name: str) -> dict:
             raise BigScienceError(f"{path}: param group {index} has no {missing[0]} (Adam's moments are needed)")
         flat = {"fp32": optim["single_partition_of_fp32_groups"][index], **{k: group[k] for k in ("exp_avg", "exp_avg_sq")}}
         address = mapping[name]
+        if not (isinstance(getattr(address, "start", None), int) and isinstance(getattr(address, "numel", None), int)):
+            raise BigScienceError(f"{path}: param_slice_mappings gives {name} no fragment_address(start, numel)")
         return {state: t.narrow(0, address.start, address.numel).float().clone() for state, t in flat.items()}
     return {}
