@@ -14,7 +14,8 @@ second job reading a half-written cache. Here:
 - every other rank reads only after rank 0 published, and waits a little for the directory to
   appear on its node (NFS attribute caches) before calling the path not shared;
 - rank 0 keeps the datasets it just built instead of reading them back (megatron-core's own
-  builder does the same), the other ranks read them, one pass each.
+  builder does the same), the other ranks read them, one pass each, with megatron-core's
+  deferred loading (a prefix's indices are mapped when it is first sampled).
 """
 import hashlib
 import json
@@ -26,6 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy
 import torch.distributed as dist
 
 from data.distributed import all_ranks_agree, on_rank0_then_all, rank
@@ -66,9 +68,28 @@ def _read(cls, config, sizes: list, final: Path, use: CacheUse, key: str, built_
     config.path_to_cache = str(final)
     if dist.get_world_size() == 1 and not built_here():
         return [None] * len(sizes)
-    if built_here():
-        use.read.append(key)
-    return _megatron_build(cls, config, sizes, built_here)
+    if not built_here():
+        return _megatron_build(cls, config, sizes, built_here)
+    use.read.append(key)
+    # megatron-core's deferred loading: each of the blend's datasets opens its three index files
+    # when first sampled, not all of them now (3 memory maps, 3 descriptors per prefix and split).
+    config.defer_npy_index_mmap = True
+    return [_load_top_level(dataset) for dataset in _megatron_build(cls, config, sizes, built_here)]
+
+
+def _load_top_level(dataset):
+    """The split's own indices read now, as without deferral (callers look at them directly)."""
+    if dataset is None:
+        return None
+    if hasattr(dataset, "path_to_dataset_index"):  # a BlendedDataset
+        dataset.dataset_index = numpy.load(dataset.path_to_dataset_index, allow_pickle=True, mmap_mode="r")
+        dataset.dataset_sample_index = numpy.load(dataset.path_to_dataset_sample_index, allow_pickle=True,
+                                                  mmap_mode="r")
+    else:  # a one-prefix split: a GPTDataset
+        dataset.shuffle_index = numpy.load(dataset.path_to_shuffle_index, allow_pickle=True, mmap_mode="r")
+        dataset.sample_index = numpy.load(dataset.path_to_sample_index, allow_pickle=True, mmap_mode="r")
+        dataset.document_index = numpy.load(dataset.path_to_document_index, allow_pickle=True, mmap_mode="r")
+    return dataset
 
 
 def _megatron_build(cls, config, sizes: list, built_here) -> list:

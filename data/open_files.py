@@ -1,17 +1,17 @@
 """Enough file descriptors for a blend of thousands of prefixes.
 
 Every memory map holds a descriptor: per prefix its .bin and .idx (opened once, data.gpt_build),
-and per dataset megatron-core reads from the cache its document, sample and shuffle indices,
-for the train split, the valid split and a language's validation set. 2,000 prefixes need
-about 24,000, past the soft `ulimit -n` of many machines (1,024 is common) and megatron-core
-would fail deep inside with "Too many open files". The soft limit is raised towards the hard
+and per dataset sampled its document, sample and shuffle indices (mapped when first sampled,
+data.index_cache), for the train split and for validation. 2,000 prefixes need about 17,000,
+past the soft `ulimit -n` of many machines (1,024 is common), where megatron-core would fail
+deep inside with "Too many open files". The soft limit is raised towards the hard
 one, as a user's `ulimit -n $(ulimit -Hn)` would; where the hard limit is too low, one warning.
 """
 import logging
 
 log = logging.getLogger(__name__)
 
-PER_PREFIX = 12  # 2 maps of the prefix + 3 index maps x 3 datasets, and some slack
+PER_PREFIX = 8  # 2 maps of the prefix + 3 index maps x 2 datasets (train, validation)
 BASE = 1024  # the rest of the process: libraries, sockets, checkpoints
 
 
