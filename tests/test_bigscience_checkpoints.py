@@ -247,3 +247,29 @@ def test_incomplete_megatron_folder_is_refused_in_one_line(exported, tmp_path, c
         assert import_cli.main(["--from", kind, str(source), "--out", str(tmp_path / "out")]) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and says in err[0], (kind, err)
+
+
+def test_universal_as_older_converters_wrote_it(saved, exported, tmp_path):
+    """BigScience's released universal checkpoint came from an older ds_to_universal: the word
+    embedding cut to the tokenizer's rows (original_vocab_size) and no step.pt (apex FusedAdam kept
+    the step in optimizer_state.pt's param_groups). The cut rows come back as zeros, as DeepSpeed's
+    universal load pads them; the step is read from the param groups."""
+    _, universal = exported
+    old = tmp_path / "universal"
+    shutil.copytree(universal, old)
+    for step_file in (old / "zero").glob("*/step.pt"):
+        step_file.unlink()
+    common = torch.load(old / "zero" / "optimizer_state.pt", weights_only=False)
+    common["param_groups"] = [{**group, "step": SAVE_AT} for group in common["param_groups"]]
+    torch.save(common, old / "zero" / "optimizer_state.pt")
+    embedding = old / "zero" / "tied_modules.embed.word_embeddings.weight"
+    for state in ("fp32", "exp_avg", "exp_avg_sq"):
+        saved_state = torch.load(embedding / f"{state}.pt", weights_only=False)
+        torch.save({**saved_state, "param": saved_state["param"][:8000]}, embedding / f"{state}.pt")
+    assert import_cli.main(["--from", "universal", str(old), "--out", str(tmp_path / "ours")]) == 0
+    imported = tmp_path / "ours" / f"iter_{SAVE_AT:08d}"
+    assert json.loads((imported / "optim" / "meta.json").read_text())["adam_step"] == SAVE_AT
+    for kind, state in (("model", MASTER), ("optim", "exp_avg"), ("optim", "exp_avg_sq")):
+        got, original = _full(imported, kind, "word_embeddings.weight", state), _full(saved, kind, "word_embeddings.weight", state)
+        assert got.shape == original.shape == (8192, 128)
+        assert torch.equal(got[:8000], original[:8000]) and not got[8000:].any()
