@@ -10,15 +10,17 @@ of it), as JSONL files and as the same rows in Parquet files:
   - the reference: `Tokenizer.encode_batch` on the texts already in memory (no reading, no
     parsing, no writing);
   - the pipeline: `data.preprocess_run.preprocess` from the files to .bin/.idx + summary;
-  - reading alone: `iter_records` over the files (what the main process does for all workers);
+  - the main process's share: reading the files and cutting and pickling the chunks it sends to
+    the workers (`_Run._chunks`), which it does for all the workers of a node;
   - the merge's cost: copying a file of `--copy-mb` MB once (read + write + fsync), as a merge of
     shard outputs reads and writes every output byte once.
-Rates are MB of text (UTF-8) and tokens per second (best of --repeat runs). Nothing is asserted.
+Rates are MB of text (UTF-8) and tokens per second (best of --repeat rounds, each round running
+every side once, so bursts of load on a shared machine hit all sides alike). Nothing is asserted.
 
 It ends with the hours a corpus like ROOTS would take (--text-tb of text, --tokens-b billion
 tokens) on N nodes x C cores: tokenizing at the per-core Parquet rate on every core, or at the
-reading rate of a node's one reading process if that is lower, plus the merge reading and writing
-every output byte once (4 bytes a token for BLOOM's 250k vocab, 2 below 65536) on one node.
+rate a node's one main process feeds its workers if that is lower, plus the merge reading and
+writing every output byte once (4 bytes a token for BLOOM's 250k vocab, 2 below 65536) on one node.
 """
 import argparse
 import json
@@ -35,12 +37,13 @@ os.environ["RAYON_NUM_THREADS"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pickle  # noqa: E402
+
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from data.paths import SHIPPED_CORPUS  # noqa: E402
-from data.preprocess_run import PreprocessOptions, preprocess  # noqa: E402
-from data.records import RecordKeys  # noqa: E402
+from data.preprocess_run import PreprocessOptions, _Run, preprocess  # noqa: E402
 from data.sources import expand_inputs, iter_records  # noqa: E402
 from data.tokenizer import TokenizerInfo  # noqa: E402
 from data.tokenizer_train import train_tokenizer  # noqa: E402
@@ -74,6 +77,18 @@ def texts_of(corpus: Path) -> list[str]:
     return [json.loads(raw)["text"] for s in expand_inputs([corpus]) for _, raw in iter_records(s)]
 
 
+def best_of_rounds(repeat: int, fns: dict) -> dict:
+    """Best time of each function over `repeat` rounds, each round running every function once:
+    on a shared machine a burst of load then hits all sides alike, not one side's every run."""
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def best_of(repeat: int, fn) -> float:
     times = []
     for _ in range(repeat):
@@ -83,11 +98,11 @@ def best_of(repeat: int, fn) -> float:
     return min(times)
 
 
-def read_all(corpus: Path) -> None:
-    keys = RecordKeys()
-    for source in expand_inputs([corpus]):
-        for _ in iter_records(source, keys):
-            pass
+def main_process_share(corpus: Path, info: TokenizerInfo, out: Path) -> None:
+    """What the main process does per chunk besides writing: read, cut, pickle for a worker."""
+    run = _Run(expand_inputs([corpus]), info, out, PreprocessOptions(progress=False))
+    for chunk in run._chunks():
+        pickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def copy_rate(root: Path, megabytes: int) -> float:
@@ -111,13 +126,14 @@ def copy_rate(root: Path, megabytes: int) -> float:
 
 def roots_table(per_core: float, reader: float, copy: float, text_tb: float, tokens_b: float,
                 nodes: list[tuple[int, int]]) -> list[str]:
-    """Hours for text_tb TB on each N x C: tokenizing (per node min(C x per_core, reader) MB/s)
+    """Hours for text_tb TB on each N x C: tokenizing (per node min(C x per_core, reader) MB/s,
+    `reader` being what one main process can feed)
     plus a one-node merge at `copy` MB/s of the uint32 (uint16) output."""
     text_mb = text_tb * 1e6
     merge = {width: tokens_b * 1e9 * width / 1e6 / copy / 3600 for width in (4, 2)}
     lines = [f"ROOTS-like corpus: {text_tb} TB of text, {tokens_b:g}B tokens; output {tokens_b * 4 / 1e3:.2f} TB "
              f"uint32 (BLOOM vocab 250880), {tokens_b * 2 / 1e3:.2f} TB uint16; per core {per_core:.2f} MB/s, "
-             f"one reading process {reader:.0f} MB/s, merge copy {copy:.0f} MB/s",
+             f"one main process feeds {reader:.0f} MB/s, merge copy {copy:.0f} MB/s",
              f"{'nodes x cores':>14s} {'tokenize h':>11s} {'(reader-capped)':>16s} {'merge h u32':>12s} "
              f"{'total h u32':>12s} {'total h u16':>12s}"]
     for n, c in nodes:
@@ -154,23 +170,22 @@ def main() -> None:
         n_tokens = sum(len(e.ids) for e in tok.encode_batch(texts))  # also warms the tokenizer up
         mb = sum(len(t.encode()) for t in texts) / 1e6
         options = PreprocessOptions(workers=1, progress=False)
-        reference = best_of(args.repeat, lambda: tok.encode_batch(texts))
-        times = {
-            "tokenizer encode_batch (texts in memory)": reference,
-            "tokenizer encode_batch_fast (in memory)": best_of(args.repeat, lambda: tok.encode_batch_fast(texts)),
-            "bloom-preprocess JSONL -> .bin/.idx": best_of(
-                args.repeat, lambda: preprocess([jsonl], tok_dir, root / "out_jsonl", options)),
-            "bloom-preprocess Parquet -> .bin/.idx": best_of(
-                args.repeat, lambda: preprocess([parquet], tok_dir, root / "out_parquet", options)),
-        }
+        times = best_of_rounds(args.repeat, {
+            "tokenizer encode_batch (texts in memory)": lambda: tok.encode_batch(texts),
+            "tokenizer encode_batch_fast (in memory)": lambda: tok.encode_batch_fast(texts),
+            "bloom-preprocess JSONL -> .bin/.idx": lambda: preprocess([jsonl], tok_dir, root / "out_jsonl", options),
+            "bloom-preprocess Parquet -> .bin/.idx": lambda: preprocess([parquet], tok_dir, root / "out_parquet", options),
+        })
+        reference = times["tokenizer encode_batch (texts in memory)"]
         outputs_equal = all((root / "out_jsonl" / p.name).read_bytes() == p.read_bytes()
                             for p in (root / "out_parquet").glob("*.bin"))
         cli = best_of(1, lambda: subprocess.run(
             [sys.executable, "-m", "data.preprocess", "-i", str(parquet), "--tokenizer", str(tok_dir),
              "-o", str(root / "out_cli"), "--quiet", "--workers=1"], check=True, capture_output=True, cwd=REPO))
-        read_jsonl = best_of(args.repeat, lambda: read_all(jsonl))
-        read_parquet = best_of(args.repeat, lambda: read_all(parquet))
-        read_one = best_of(args.repeat, lambda: read_all(one_file))
+        info = TokenizerInfo(tok_dir)
+        read_jsonl = best_of(args.repeat, lambda: main_process_share(jsonl, info, root))
+        read_parquet = best_of(args.repeat, lambda: main_process_share(parquet, info, root))
+        read_one = best_of(args.repeat, lambda: main_process_share(one_file, info, root))
         output_mb = sum(p.stat().st_size for p in (root / "out_jsonl").glob("*.bin")) / 1e6
         copy = copy_rate(root, args.copy_mb)
         print(f"corpus: {len(texts)} documents, {mb:.2f} MB of text, {n_tokens} tokens "
@@ -181,9 +196,9 @@ def main() -> None:
         for label, seconds in times.items():
             print(row(label, seconds, mb, n_tokens, reference))
         print(row("bloom-preprocess CLI, Parquet, incl. start", cli, mb, n_tokens, reference))
-        print(row("reading alone, JSONL (iter_records)", read_jsonl, mb, 0, None))
-        print(row("reading alone, Parquet (iter_records)", read_parquet, mb, 0, None))
-        print(row("reading alone, Parquet, all in one file", read_one, mb, 0, None))
+        print(row("main process: read + chunk + pickle, JSONL", read_jsonl, mb, 0, None))
+        print(row("main process: same, Parquet", read_parquet, mb, 0, None))
+        print(row("main process: same, Parquet in one file", read_one, mb, 0, None))
         print(f"Parquet and JSONL outputs byte-identical: {outputs_equal}")
         print(f"merge copy rate (read + write + fsync of {args.copy_mb} MB, page cache warm): {copy:.0f} MB/s")
         parquet_rate = mb / times["bloom-preprocess Parquet -> .bin/.idx"]
