@@ -3,12 +3,7 @@
     bloom-preprocess --input data/corpora 'corpus/data/*/train/*.parquet' --tokenizer TOKDIR
                      --output-dir OUT [--workers N] [--group-by lang|source] [--text-key text]
                      [--lang-key lang] [--lang-from-path] [--strict]
-
---slurm cuts the inputs into --shards N pieces (at file or Parquet row-group boundaries, balanced by
-bytes) and writes an array job (a task per shard, writing OUTPUT_DIR/shards/shard-NNNNN aside and
-renaming it when complete) and a merge job after it (megatron-core's IndexedDatasetBuilder.add_index,
-shards in order: the files are byte for byte a one-machine run's). The same command again redoes
-only the shards not finished; `python -m data.shard_merge OUTPUT_DIR` merges by hand.
+    bloom-preprocess ... --tokenizer TOKDIR --slurm --shards N [--nodes K] [--submit]
 
 Without --tokenizer, --train-tokenizer-vocab N first trains a BLOOM-style tokenizer on the
 inputs (alpha-smoothed) into OUT/tokenizer. Errors print one line `error: ...`, exit status 2.
