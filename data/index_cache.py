@@ -9,7 +9,8 @@ second job reading a half-written cache. Here:
 - global rank 0 alone builds (never each node's local rank 0), into a staging directory named by
   its host, pid and a random tag (unique across nodes and jobs on one shared filesystem);
 - the staging directory becomes `indices/<key>` by one rename: a directory that exists is
-  complete. A second job that loses the race to publish the same key drops its own copy (the key
+  complete; a killed build's staging directory is never read, and removed by a later build
+  (this host's when its process is gone, any host's after a day untouched). A second job that loses the race to publish the same key drops its own copy (the key
   hashes everything that determines the indices, so the two are identical);
 - every other rank reads only after rank 0 published, and waits a little for the directory to
   appear on its node (NFS attribute caches) before calling the path not shared;
@@ -32,8 +33,10 @@ import torch.distributed as dist
 
 from data.distributed import all_ranks_agree, on_rank0_then_all, rank
 from data.errors import DataError
+from data.indexed_writer import _alive  # the same pid check as for .bin/.idx temporaries
 
 VISIBLE_WAIT_S = 30.0  # how long a rank waits to see rank 0's cache before calling it not shared
+STALE_AFTER_S = 24 * 3600.0  # another host's staging directory untouched this long died with its job
 
 
 @dataclass
@@ -53,6 +56,8 @@ def build_cached(cls, config, sizes: list, identity: dict, use: CacheUse) -> lis
     if on_rank0_then_all(final.is_dir):
         return _read(cls, config, sizes, final, use, key, lambda: True)
     staging = final.with_name(f".{key}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    if rank() == 0:
+        remove_stale_staging(final.parent)
     config.path_to_cache = str(staging)
     built = _megatron_build(cls, config, sizes, lambda: rank() == 0)  # the others join its barriers
     on_rank0_then_all(lambda: publish(staging, final))
@@ -109,6 +114,24 @@ def publish(staging: Path, final: Path) -> None:
             if not final.is_dir():
                 raise
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_staging(indices: Path, max_age_s: float = STALE_AFTER_S) -> list[Path]:
+    """Delete staging directories of builds that died: this host's whose process is gone, and any
+    host's untouched for `max_age_s` (a live build adds files every few seconds)."""
+    removed = []
+    for directory in indices.glob(".*.tmp-*"):
+        host_pid = directory.name.split(".tmp-", 1)[1].rpartition("-")[0]  # <host>-<pid>-<tag>
+        host, _, pid = host_pid.rpartition("-")
+        dead_here = host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
+        try:
+            old = time.time() - directory.stat().st_mtime > max_age_s
+        except FileNotFoundError:  # published or dropped meanwhile
+            continue
+        if dead_here or old:
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+    return removed
 
 
 def wait_visible(path: Path, seconds: float = VISIBLE_WAIT_S) -> None:

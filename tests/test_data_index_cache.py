@@ -172,3 +172,45 @@ def test_one_validation_set_per_language_from_its_shards_valid_documents(tokeniz
             n = len(document_lengths(part.dataset_path))
             assert set(part.document_index) == set(range(round(0.8 * n), round(0.9 * n)))
         assert len(dataset) == sum(len(part) for part in parts)
+
+
+def test_open_file_limit_is_raised_for_thousands_of_prefixes(caplog):
+    """A soft `ulimit -n` of 1,024 (a common default) is raised towards the hard limit for a blend
+    of 2,000 prefixes (about 17,000 maps), with one warning only where the hard limit is short."""
+    import resource
+
+    from data.open_files import BASE, PER_PREFIX, allow_open_files
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+        allow_open_files(40)  # 1,344 wanted: raised too, little as it is
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == BASE + PER_PREFIX * 40
+        allow_open_files(2000)
+        need = BASE + PER_PREFIX * 2000
+        limited = hard != resource.RLIM_INFINITY and hard < need
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == (hard if limited else need)
+        assert any("ulimit -Hn" in r.getMessage() for r in caplog.records) == limited
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_killed_builds_staging_directory_is_removed_a_live_ones_kept(tmp_path):
+    import subprocess
+    import time
+
+    from data.index_cache import remove_stale_staging
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    here = socket.gethostname()
+    dead = tmp_path / f".k1.tmp-{here}-{gone.pid}-aaaa"
+    live = tmp_path / f".k2.tmp-{here}-{os.getpid()}-bbbb"
+    elsewhere = tmp_path / ".k3.tmp-othernode-12-cccc"
+    old = tmp_path / ".k4.tmp-othernode-13-dddd"
+    published = tmp_path / "k5"
+    for directory in (dead, live, elsewhere, old, published):
+        directory.mkdir()
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    assert sorted(remove_stale_staging(tmp_path)) == sorted([dead, old])
+    assert live.is_dir() and elsewhere.is_dir() and published.is_dir()
