@@ -8,7 +8,7 @@ from pathlib import Path
 
 from data.config import DataConfig, DatasetSpec
 from data.errors import DataError
-from data.index_file import token_counts
+from data.index_file import split_matrix, token_counts
 from data.paths import resolve_path
 from data.smoothing import smoothed_shares
 
@@ -24,8 +24,6 @@ class BlendEntry:
 def resolve_blend(cfg: DataConfig, processed_dir: Path | None, summary: dict | None) -> list[BlendEntry]:
     specs = _specs(cfg, summary)
     prefixes = {s.name: _prefix(s, processed_dir) for s in specs}
-    from data.split_fit import split_matrix  # (split_fit imports this module)
-
     matrix = split_matrix(cfg.split)  # each .idx read once here: the split fits reuse its counts
     tokens = {name: token_counts(prefix, matrix)[0] for name, prefix in prefixes.items()}
     weights = _weights(cfg, specs, tokens)

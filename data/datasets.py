@@ -21,7 +21,8 @@ from data.gpt_build import gpt_config, gpt_dataset_class
 from data.index_cache import CacheUse, build_cached
 from data.open_files import allow_open_files
 from data.prepare import PreparedData, prepare_data, resolve_cache
-from data.split_fit import SPLITS, SplitFit, fit_split, fit_train, split_matrix
+from data.index_file import split_matrix
+from data.split_fit import SPLITS, SplitFit, fit_split, fit_train
 from data.tokenizer import TokenizerInfo
 from data.valid_sets import build_per_language_valid
 

@@ -63,3 +63,11 @@ def _count(prefix: str, split_matrix: tuple) -> tuple[int, list[int | None]]:
         begin, end = int(round(bounds[0] * float(n))), int(round(bounds[1] * float(n)))
         counts.append(int(lengths[begin:end].sum()))
     return int(lengths.sum()), counts
+
+
+def split_matrix(data_split: str) -> list:
+    """megatron-core's own [begin, end) fractions per split (None for a split given 0)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+
+    return convert_split_vector_to_split_matrix(parse_and_normalize_split(data_split))

@@ -43,14 +43,6 @@ class SplitFit:
                 f"seq_length+1={seq_length + 1} tokens")
 
 
-def split_matrix(data_split: str) -> list:
-    """megatron-core's own [begin, end) fractions per split (None for a split given 0)."""
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix, parse_and_normalize_split)
-
-    return convert_split_vector_to_split_matrix(parse_and_normalize_split(data_split))
-
-
 def fit_split(blend: list[BlendEntry], matrix: list, index: int, seq_length: int, data_split: str) -> SplitFit:
     """The datasets of `blend` whose part of split `index` holds seq_length+1 tokens."""
     need = seq_length + 1
