@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from data.errors import DataError
+from launch.heap import freeze_heap_at_exit
 
 EXAMPLES = """Inputs: JSONL (.jsonl, .ndjson, .jsonl.gz/.bz2/.xz/.zst), Parquet (.parquet), Arrow IPC
 (.arrow, .feather; file or stream format) and HF save_to_disk dirs; files, folders (searched
@@ -116,6 +117,7 @@ def run_slurm(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    freeze_heap_at_exit()  # launch/heap.py: no heap walk at exit
     args = build_parser().parse_args(argv)
     try:
         if not args.slurm:

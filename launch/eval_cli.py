@@ -32,6 +32,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from launch.heap import quiet_startup, start_collecting
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
@@ -277,6 +278,7 @@ def relaunch(args, cfg, argv, nproc: int) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@quiet_startup  # launch/heap.py: no heap walks during the imports and at exit
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -293,6 +295,7 @@ def main(argv=None) -> int:
     from training.hf.importer import HFFormatError
     from training.model.kernels import KernelUnavailable
 
+    start_collecting()  # the frameworks are in: their objects are frozen, the rest is watched
     try:
         args, overrides = parse_args(argv)
         cfg = load_planned_config(overrides)

@@ -21,6 +21,7 @@ The model card's model-index holds the lm-evaluation-harness scores of this chec
 import argparse
 import sys
 import warnings
+from launch.heap import freeze_heap_at_exit
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
@@ -83,6 +84,7 @@ def export_to(args) -> int:
 
 
 def main(argv=None) -> int:
+    freeze_heap_at_exit()  # launch/heap.py: no heap walk at exit
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.to:
         return export_to(args)

@@ -17,6 +17,7 @@ DIR is a Hub directory (config.json with the new vocab_size, weights, extended t
 import argparse
 import sys
 import warnings
+from launch.heap import freeze_heap_at_exit
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
@@ -67,6 +68,7 @@ def check_args(args) -> str:
 
 
 def main(argv=None) -> int:
+    freeze_heap_at_exit()  # launch/heap.py: no heap walk at exit
     args = parse_args(sys.argv[1:] if argv is None else argv)
     problem = check_args(args)
     if problem:

@@ -17,6 +17,7 @@ refused and nothing in it runs. CHECKPOINTS_DIR/latest points at the result; con
 import argparse
 import sys
 import warnings
+from launch.heap import freeze_heap_at_exit
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
@@ -47,6 +48,7 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    freeze_heap_at_exit()  # launch/heap.py: no heap walk at exit
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from data.errors import DataError
     from training.checkpoint.files import CheckpointError

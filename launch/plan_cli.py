@@ -23,6 +23,7 @@ import json
 import sys
 import time
 import warnings
+from launch.heap import freeze_heap_at_exit
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
@@ -47,6 +48,7 @@ def with_recipe(overrides):
 
 
 def main(argv=None) -> int:
+    freeze_heap_at_exit()  # launch/heap.py: no heap walk at exit
     started = time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):

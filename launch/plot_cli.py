@@ -8,6 +8,7 @@ grad_norm.png and throughput.png, and prints their paths.
 import argparse
 import sys
 from pathlib import Path
+from launch.heap import freeze_heap_at_exit
 
 PROG = "bloom-plot"
 EXAMPLES = """Examples:
@@ -17,6 +18,7 @@ EXAMPLES = """Examples:
 
 
 def main(argv=None) -> int:
+    freeze_heap_at_exit()  # launch/heap.py: no heap walk at exit
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="a bloom-train run directory")

@@ -40,6 +40,7 @@ warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not i
 from launch.slurm_template import TEMPLATE
 from training.config.checks import procs_per_node, validate
 from training.config.schema import ConfigError, RootConfig
+from launch.heap import freeze_heap_at_exit
 
 RDZV_PORT = 6000  # BigScience's tr11 rendezvous port
 PRE_TIMEOUT_SECONDS = 120  # SIGUSR1 this long before the time limit: time to save and exit
@@ -163,6 +164,7 @@ def write_script(script: str, path: Path, run_dir: Path) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    freeze_heap_at_exit()  # launch/heap.py: no heap walk at exit
     argv = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in argv):
         print(__doc__)

@@ -21,6 +21,7 @@ warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not i
 
 from data.errors import DataError  # noqa: E402
 from launch.env import distributed_env, export_torch_env  # noqa: E402
+from launch.heap import quiet_startup, start_collecting  # noqa: E402
 from launch.local import relaunch_with_torchrun  # noqa: E402
 from training.config.schema import ConfigError  # noqa: E402
 
@@ -178,6 +179,7 @@ def launch(cfg, argv) -> int:
     quiet_deepspeed()
     from training.train import run
 
+    start_collecting()  # the frameworks are in: their objects are frozen, the rest is watched
     return run(cfg)
 
 
@@ -219,6 +221,7 @@ def run_config(argv) -> int:
         raise
 
 
+@quiet_startup  # launch/heap.py: no heap walks during the imports and at exit
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in argv):
