@@ -19,8 +19,11 @@ def free_port() -> int:
 def _worker(rank, world_size, port, layout, fn, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    import gc
+
     import torch
 
+    gc.freeze()  # the fork server's preloaded frameworks: never garbage, no collection walks them
     torch.set_num_threads(1)
     from parallelism.topology import init_model_parallel, init_process_group, shutdown
 
