@@ -32,6 +32,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+
 from launch.heap import quiet_startup, start_collecting
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")

@@ -21,6 +21,7 @@ The model card's model-index holds the lm-evaluation-harness scores of this chec
 import argparse
 import sys
 import warnings
+
 from launch.heap import freeze_heap_at_exit
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")

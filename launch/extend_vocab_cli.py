@@ -17,6 +17,7 @@ DIR is a Hub directory (config.json with the new vocab_size, weights, extended t
 import argparse
 import sys
 import warnings
+
 from launch.heap import freeze_heap_at_exit
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")

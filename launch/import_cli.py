@@ -17,6 +17,7 @@ refused and nothing in it runs. CHECKPOINTS_DIR/latest points at the result; con
 import argparse
 import sys
 import warnings
+
 from launch.heap import freeze_heap_at_exit
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")

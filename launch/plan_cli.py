@@ -23,6 +23,7 @@ import json
 import sys
 import time
 import warnings
+
 from launch.heap import freeze_heap_at_exit
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")

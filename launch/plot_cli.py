@@ -8,6 +8,7 @@ grad_norm.png and throughput.png, and prints their paths.
 import argparse
 import sys
 from pathlib import Path
+
 from launch.heap import freeze_heap_at_exit
 
 PROG = "bloom-plot"

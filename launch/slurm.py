@@ -37,10 +37,10 @@ from typing import List, Optional, Sequence
 # absent, as on any machine that only submits jobs; that would bury bloom-slurm's own output.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
+from launch.heap import freeze_heap_at_exit
 from launch.slurm_template import TEMPLATE
 from training.config.checks import procs_per_node, validate
 from training.config.schema import ConfigError, RootConfig
-from launch.heap import freeze_heap_at_exit
 
 RDZV_PORT = 6000  # BigScience's tr11 rendezvous port
 PRE_TIMEOUT_SECONDS = 120  # SIGUSR1 this long before the time limit: time to save and exit
