@@ -172,6 +172,7 @@ def launch(cfg, argv) -> int:
         from training.evaluation.harness_tasks import check_eval_tasks
         check_eval_tasks(cfg)  # trainer.eval_tasks' task names too
         if procs_per_node(cfg) > 1:
+            start_collecting()  # this process waits on torchrun for the whole run: collect again
             return relaunch_with_torchrun(procs_per_node(cfg), argv,
                                           log_dir=os.path.join(cfg.trainer.run_dir, "logs", "ranks"))
     if cfg.trainer.dry_run:
